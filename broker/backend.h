@@ -1,0 +1,84 @@
+// wbroker broker: the memory backend interface (host memfd, CUDA IPC, CUDA VMM).
+//
+// A Backend owns one device and makes Arenas on it. An Arena is one
+// contiguous allocation holding one model: filled from files, sealed, then
+// exported to clients as plain data (JSON descriptor + fds). No CUDA type
+// crosses this interface.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "wbroker/common/status.h"
+
+namespace wbroker::broker {
+
+/// Copy `length` bytes from `fd` at `file_offset` to the arena at `arena_offset`.
+struct CopyJob {
+  int fd = -1;                ///< source file, open for reading (borrowed)
+  uint64_t file_offset = 0;   ///< byte offset in the file
+  uint64_t arena_offset = 0;  ///< byte offset in the arena
+  uint64_t length = 0;        ///< bytes to copy
+};
+
+/// How an arena is filled.
+struct FillOptions {
+  unsigned threads = 4;                       ///< reader threads
+  uint64_t chunk_bytes = 16ull << 20;         ///< split jobs into chunks this large
+  std::function<void(uint64_t)> on_progress;  ///< called with bytes just copied (any thread)
+};
+
+/// What a client needs to map an arena: plain data plus borrowed fds.
+struct ArenaExport {
+  nlohmann::json descriptor;  ///< {"kind": "memfd", "size": N, ...}; "fds" count added by the caller
+  std::vector<int> fds;       ///< owned by the Arena; valid while it lives
+};
+
+/// One model's memory on one device.
+class Arena {
+ public:
+  virtual ~Arena() = default;
+  /// Size in bytes.
+  virtual uint64_t size() const = 0;
+  /// Copies file ranges into the arena; only before Seal().
+  virtual Status Fill(const std::vector<CopyJob>& jobs, const FillOptions& options) = 0;
+  /// Makes the contents immutable for every process; after this, Export() works.
+  virtual Status Seal() = 0;
+  /// Descriptor and fds for a client.
+  virtual Result<ArenaExport> Export() const = 0;
+};
+
+/// Device memory totals for status output.
+struct MemoryInfo {
+  uint64_t total_bytes = 0;  ///< device capacity (host: MemTotal)
+  uint64_t free_bytes = 0;   ///< currently free (host: MemAvailable)
+};
+
+/// A kind of memory on one device.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  /// "host", "cuda-ipc", "cuda-vmm".
+  virtual std::string name() const = 0;
+  /// Device name as clients see it: "cpu", or "cuda:<uuid>".
+  virtual std::string device() const = 0;
+  /// Allocates an arena of `size` bytes; `label` names it in /proc and logs.
+  virtual Result<std::unique_ptr<Arena>> Allocate(uint64_t size, const std::string& label) = 0;
+  /// Current memory totals of the device.
+  virtual MemoryInfo Memory() const = 0;
+};
+
+/// The backends compiled into this build, e.g. {"host"}.
+std::vector<std::string> BuiltBackends();
+
+/// Creates the backend for a --device value: "cpu" -> host; "auto" -> the best
+/// usable device (host when no GPU backend is built or usable); "cuda:N" ->
+/// a GPU backend, or kUnsupported explaining why none is available.
+Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device_spec);
+
+}  // namespace wbroker::broker

@@ -1,0 +1,54 @@
+// wbroker broker: the daemon, assembled: backend, registry, server, signals,
+// service-manager integration and preloads.
+#pragma once
+
+#include <memory>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "backend.h"
+#include "config.h"
+#include "dispatcher.h"
+#include "memory_budget.h"
+#include "model_registry.h"
+#include "server.h"
+#include "systemd_notifier.h"
+
+namespace wbroker::broker {
+
+class Broker {
+ public:
+  /// Builds every part; fails with a clear Status (bad device, socket in use, ...).
+  static Result<std::unique_ptr<Broker>> Create(boost::asio::io_context& io,
+                                                const BrokerConfig& config);
+  ~Broker();
+
+  /// Starts serving and the preloads; READY is sent when the preloads end.
+  void Start();
+  /// Graceful stop: no new connections, sessions closed, socket removed.
+  void Stop();
+
+ private:
+  explicit Broker(boost::asio::io_context& io, const BrokerConfig& config);
+  void DoPreload();
+  void DoWatchdog();
+  void DoSignals();
+  void Announce();
+
+  boost::asio::io_context& io_;               ///< the event loop
+  BrokerConfig config_;                       ///< effective settings
+  std::unique_ptr<Backend> backend_;          ///< device memory
+  std::unique_ptr<MemoryBudget> budget_;      ///< --max-memory
+  std::unique_ptr<ModelRegistry> registry_;   ///< models and leases
+  std::unique_ptr<Dispatcher> dispatcher_;    ///< protocol verbs
+  std::unique_ptr<Server> server_;            ///< the socket
+  SystemdNotifier notifier_;                  ///< sd_notify
+  boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT
+  boost::asio::steady_timer watchdog_timer_;  ///< WATCHDOG=1 pings
+  size_t preloads_pending_ = 0;               ///< READY when it reaches 0
+  bool stopped_ = false;                      ///< Stop() ran
+};
+
+}  // namespace wbroker::broker

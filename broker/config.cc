@@ -1,0 +1,159 @@
+// wbroker broker: TOML configuration (toml++).
+#include "config.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <iterator>
+#include <set>
+#include <toml++/toml.h>
+
+#include "wbroker/common/hf_cache.h"
+#include "wbroker/common/size_units.h"
+
+namespace wbroker::broker {
+namespace {
+
+Status KeyError(std::string_view label, std::string_view key, std::string_view why) {
+  return Status(ErrorCode::kInvalidArgument, fmt::format("{}: {}: {}", label, key, why));
+}
+
+}  // namespace
+
+Result<unsigned> ParseSocketMode(std::string_view text) {
+  if (text.empty() || text.size() > 4)
+    return Status(ErrorCode::kInvalidArgument, fmt::format("invalid socket mode \"{}\"", text));
+  unsigned mode = 0;
+  for (char c : text) {
+    if (c < '0' || c > '7')
+      return Status(ErrorCode::kInvalidArgument,
+                    fmt::format("invalid socket mode \"{}\": expected octal like 0660", text));
+    mode = mode * 8 + static_cast<unsigned>(c - '0');
+  }
+  if (mode > 0777)
+    return Status(ErrorCode::kInvalidArgument,
+                  fmt::format("invalid socket mode \"{}\": only permission bits allowed", text));
+  return mode;
+}
+
+Result<PreloadEntry> ParsePreload(std::string_view spec) {
+  WB_ASSIGN_OR_RETURN(ModelSpec ms, ParseModelSpec(spec));
+  return PreloadEntry{ms.model, ms.revision};
+}
+
+Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view label) {
+  toml::table t;
+  // Debian's toml++ is built with exceptions: parse errors arrive as
+  // toml::parse_error and are turned into a Status right here.
+  try {
+    t = toml::parse(toml_text, std::string(label));
+  } catch (const toml::parse_error& err) {
+    return Status(ErrorCode::kInvalidArgument,
+                  fmt::format("{}:{}:{}: {}", label, err.source().begin.line,
+                              err.source().begin.column, err.description()));
+  }
+  BrokerConfig cfg;
+  static const std::set<std::string> kKeys = {
+      "socket",          "socket_mode",      "socket_group",   "cache_dir",
+      "device",          "max_memory",       "log_level",      "load_on_attach",
+      "loader_threads",  "max_connections",  "max_frame_bytes", "hello_timeout_ms",
+      "preload"};
+  for (const auto& [k, v] : t) {
+    if (!kKeys.count(std::string(k.str())))
+      return KeyError(label, k.str(), "unknown setting");
+  }
+  auto get_string = [&](const char* key, std::string& out) -> Status {
+    if (const auto* node = t.get(key)) {
+      auto v = node->value<std::string>();
+      if (!v) return KeyError(label, key, "must be a string");
+      out = *v;
+    }
+    return Status::Ok();
+  };
+  auto get_uint = [&](const char* key, uint64_t max, auto& out) -> Status {
+    if (const auto* node = t.get(key)) {
+      auto v = node->value<int64_t>();
+      if (!v || *v < 0 || static_cast<uint64_t>(*v) > max)
+        return KeyError(label, key, fmt::format("must be an integer from 0 to {}", max));
+      out = static_cast<std::remove_reference_t<decltype(out)>>(*v);
+    }
+    return Status::Ok();
+  };
+  WB_RETURN_IF_ERROR(get_string("socket", cfg.socket_path));
+  WB_RETURN_IF_ERROR(get_string("socket_group", cfg.socket_group));
+  WB_RETURN_IF_ERROR(get_string("device", cfg.device));
+  WB_RETURN_IF_ERROR(get_string("log_level", cfg.log_level));
+  std::string s;
+  WB_RETURN_IF_ERROR(get_string("cache_dir", s));
+  if (!s.empty()) cfg.cache_dir = s;
+  if (const auto* node = t.get("socket_mode")) {
+    if (auto str = node->value<std::string>()) {
+      auto mode = ParseSocketMode(*str);
+      if (!mode.ok()) return mode.status().WithContext(label);
+      cfg.socket_mode = *mode;
+    } else {
+      return KeyError(label, "socket_mode", "must be an octal string like \"0660\"");
+    }
+  }
+  if (const auto* node = t.get("max_memory")) {
+    if (auto str = node->value<std::string>()) {
+      auto bytes = ParseByteSize(*str);
+      if (!bytes.ok()) return bytes.status().WithContext(std::string(label) + ": max_memory");
+      cfg.max_memory = *bytes;
+    } else if (auto n = node->value<int64_t>(); n && *n >= 0) {
+      cfg.max_memory = static_cast<uint64_t>(*n);
+    } else {
+      return KeyError(label, "max_memory", "must be a size like \"64GiB\" or a byte count");
+    }
+  }
+  if (const auto* node = t.get("load_on_attach")) {
+    auto v = node->value<bool>();
+    if (!v) return KeyError(label, "load_on_attach", "must be true or false");
+    cfg.load_on_attach = *v;
+  }
+  WB_RETURN_IF_ERROR(get_uint("loader_threads", 256, cfg.loader_threads));
+  WB_RETURN_IF_ERROR(get_uint("max_connections", 1u << 20, cfg.max_connections));
+  WB_RETURN_IF_ERROR(get_uint("max_frame_bytes", 1u << 30, cfg.max_frame_bytes));
+  WB_RETURN_IF_ERROR(get_uint("hello_timeout_ms", 3600000, cfg.hello_timeout_ms));
+  if (cfg.loader_threads == 0) return KeyError(label, "loader_threads", "must be at least 1");
+  if (const auto* node = t.get("preload")) {
+    const auto* arr = node->as_array();
+    if (!arr) return KeyError(label, "preload", "must be an array of tables or strings");
+    for (size_t i = 0; i < arr->size(); ++i) {
+      const auto& item = (*arr)[i];
+      std::string where = fmt::format("preload[{}]", i);
+      if (auto str = item.value<std::string>()) {
+        auto p = ParsePreload(*str);
+        if (!p.ok()) return p.status().WithContext(fmt::format("{}: {}", label, where));
+        cfg.preload.push_back(*p);
+        continue;
+      }
+      const auto* tbl = item.as_table();
+      if (!tbl) return KeyError(label, where, "must be a table {model = ..., revision = ...}");
+      PreloadEntry e;
+      for (const auto& [k, v] : *tbl) {
+        if (k.str() != "model" && k.str() != "revision")
+          return KeyError(label, fmt::format("{}.{}", where, k.str()), "unknown setting");
+      }
+      auto model = (*tbl)["model"].value<std::string>();
+      if (!model || model->empty()) return KeyError(label, where, "needs a model string");
+      e.model = *model;
+      if (auto rev = (*tbl)["revision"].value<std::string>()) e.revision = *rev;
+      else if (tbl->contains("revision")) return KeyError(label, where + ".revision", "must be a string");
+      auto spec = ParseModelSpec(e.model);
+      if (!spec.ok()) return spec.status().WithContext(fmt::format("{}: {}", label, where));
+      cfg.preload.push_back(std::move(e));
+    }
+  }
+  return cfg;
+}
+
+Result<BrokerConfig> LoadConfigFile(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ErrnoStatus("cannot read config " + path.string());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return ErrnoStatus("cannot read config " + path.string());
+  return ParseConfig(text, path.string());
+}
+
+}  // namespace wbroker::broker

@@ -1,0 +1,49 @@
+// wbroker broker: configuration from a TOML file and the command line.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "wbroker/common/status.h"
+
+namespace wbroker::broker {
+
+/// A model to load at start-up and keep.
+struct PreloadEntry {
+  std::string model;     ///< repo id or absolute path
+  std::string revision;  ///< branch, tag, full or short commit; "" = main
+};
+
+/// Everything wbrokerd can be told. Command-line values override the file.
+struct BrokerConfig {
+  std::string socket_path;                ///< "" = $WBROKER_SOCKET or /run/wbroker/wbroker.sock
+  unsigned socket_mode = 0660;            ///< permissions of the socket file
+  std::string socket_group;               ///< group of the socket file; "" = unchanged
+  std::filesystem::path cache_dir;        ///< "" = HF env rules
+  std::string device = "auto";            ///< auto | cpu | cuda:N
+  uint64_t max_memory = 0;                ///< arena byte budget, 0 = unlimited
+  std::string log_level = "info";         ///< trace|debug|info|warn|error|critical|off
+  bool load_on_attach = true;             ///< load unknown models when a client attaches
+  unsigned loader_threads = 4;            ///< reader threads per load
+  unsigned max_connections = 4096;        ///< concurrent client connections
+  uint32_t max_frame_bytes = 16u << 20;   ///< largest request frame
+  unsigned hello_timeout_ms = 10000;      ///< close connections that do not say hello
+  std::vector<PreloadEntry> preload;      ///< loaded before READY
+};
+
+/// Parses a TOML config. Unknown keys are errors (typos must not pass silently).
+/// Errors name the file, the key and, for syntax errors, the line.
+Result<BrokerConfig> LoadConfigFile(const std::filesystem::path& path);
+/// Same, from text (`label` names it in errors).
+Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view label);
+
+/// Parses "MODEL[@REV]" for --preload.
+Result<PreloadEntry> ParsePreload(std::string_view spec);
+
+/// Parses an octal mode like "0660" or "660".
+Result<unsigned> ParseSocketMode(std::string_view text);
+
+}  // namespace wbroker::broker

@@ -1,0 +1,255 @@
+// wbroker broker: protocol verbs. Every reply echoes the request's "id"; every
+// refusal carries a stable code and a message that names the problem.
+#include "dispatcher.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "server.h"
+#include "wbroker/common/frame.h"
+
+namespace wbroker::broker {
+namespace {
+
+using nlohmann::json;
+
+// Optional string field; kInvalidArgument when present with another type.
+Result<std::string> OptString(const json& req, const char* key) {
+  auto it = req.find(key);
+  if (it == req.end() || it->is_null()) return std::string();
+  if (!it->is_string())
+    return Status(ErrorCode::kInvalidArgument, fmt::format("\"{}\" must be a string", key));
+  return it->get<std::string>();
+}
+
+json Reply(const json& req) {
+  json r = {{"ok", true}};
+  if (auto it = req.find("id"); it != req.end()) r["id"] = *it;
+  return r;
+}
+
+json IdOf(const json& req) {
+  auto it = req.find("id");
+  return it == req.end() ? json() : *it;
+}
+
+}  // namespace
+
+void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
+  auto op_it = req.find("op");
+  if (op_it == req.end() || !op_it->is_string()) {
+    s->SendError(IdOf(req), Status(ErrorCode::kInvalidArgument, "request has no \"op\" string"));
+    return;
+  }
+  const std::string op = op_it->get<std::string>();
+  if (!s->said_hello() && op != "hello") {
+    spdlog::warn("client {} (pid {} uid {}): \"{}\" before hello; closing", s->id(),
+                 s->peer().pid, s->peer().uid, op);
+    s->SendError(IdOf(req), Status(ErrorCode::kProtocol, "say hello first"));
+    s->Close("no hello");
+    return;
+  }
+  if (op == "hello") return DoHello(s, req);
+  if (op == "attach") return DoAttach(s, req);
+  if (op == "release") return DoRelease(s, req);
+  if (op == "status") {
+    json r = Reply(req);
+    r.update(StatusJson());
+    return s->Send(std::move(r));
+  }
+  if (op == "ping") return s->Send(Reply(req));
+  if (op == "load") return DoLoad(s, req);
+  if (op == "unload") return DoUnload(s, req);
+  s->SendError(IdOf(req), Status(ErrorCode::kInvalidArgument, fmt::format("unknown op \"{}\"", op)));
+}
+
+void Dispatcher::SessionClosed(const Session& session) {
+  if (ctx_.server) ctx_.server->Forget(session.id());
+}
+
+void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
+  auto proto = req.find("protocol");
+  if (proto != req.end() && (!proto->is_number_unsigned() || proto->get<uint64_t>() != kProtocolVersion)) {
+    s->SendError(IdOf(req), Status(ErrorCode::kProtocol,
+                                   fmt::format("client speaks protocol {}, broker speaks {}",
+                                               proto->dump(), kProtocolVersion)));
+    s->Close("protocol mismatch");
+    return;
+  }
+  auto name = OptString(req, "client");
+  s->set_hello(name.ok() ? name->substr(0, 128) : "");
+  json r = Reply(req);
+  r["protocol"] = kProtocolVersion;
+  r["broker"] = {{"version", WBROKER_VERSION},
+                 {"build", WBROKER_GIT_DESCRIBE},
+                 {"pid", ::getpid()},
+                 {"uid", ::geteuid()},
+                 {"device", ctx_.backend->device()},
+                 {"backend", ctx_.backend->name()}};
+  r["connection"] = s->id();
+  s->Send(std::move(r));
+}
+
+Result<ResolvedModel> Dispatcher::ResolveRequest(const json& req) const {
+  WB_ASSIGN_OR_RETURN(std::string model, OptString(req, "model"));
+  WB_ASSIGN_OR_RETURN(std::string revision, OptString(req, "revision"));
+  if (model.empty()) return Status(ErrorCode::kInvalidArgument, "\"model\" is required");
+  return ResolveModel(ctx_.cache_dir, model, revision);
+}
+
+void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
+  const json id = IdOf(req);
+  auto device = OptString(req, "device");
+  if (!device.ok()) return s->SendError(id, device.status());
+  if (!device->empty() && *device != "auto" && *device != ctx_.backend->device() &&
+      *device != ctx_.config->device) {
+    return s->SendError(
+        id, Status(ErrorCode::kUnsupported,
+                   fmt::format("this broker serves device {} ({}); device \"{}\" is not available",
+                               ctx_.backend->device(), ctx_.backend->name(), *device)));
+  }
+  auto resolved = ResolveRequest(req);
+  if (!resolved.ok()) {
+    spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
+                 resolved.status().message());
+    return s->SendError(id, resolved.status());
+  }
+  std::weak_ptr<Session> weak = s;
+  ctx_.registry->Acquire(
+      *resolved, ctx_.config->load_on_attach, /*pin=*/false,
+      [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+        auto s = weak.lock();
+        if (!s || s->closed()) return;  // client went away while the model loaded
+        if (!entry.ok()) return s->SendError(id, entry.status());
+        const auto& e = *entry;
+        auto exported = e->loaded.arena->Export();
+        if (!exported.ok()) return s->SendError(id, exported.status());
+        // Dup the fds: the reply owns its copies, so the frame stays valid even
+        // if the model is freed before the socket drains.
+        std::vector<UniqueFd> fds;
+        for (int fd : exported->fds) {
+          UniqueFd dup(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+          if (!dup) return s->SendError(id, ErrnoStatus("dup arena fd"));
+          fds.push_back(std::move(dup));
+        }
+        uint64_t lease = s->AddLease(e);
+        json r = Reply(req);
+        r["lease"] = lease;
+        r["model"] = e->resolved.model;
+        r["revision"] = e->resolved.commit;
+        r["requested_revision"] = e->resolved.requested_revision;
+        r["snapshot"] = e->resolved.snapshot_dir.string();
+        r["device"] = ctx_.backend->device();
+        r["backend"] = ctx_.backend->name();
+        r["arena"] = exported->descriptor;
+        r["metadata"] = e->loaded.metadata;
+        r["tensors"] = e->manifest;
+        s->Send(std::move(r), std::move(fds));
+      });
+}
+
+void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {
+  auto it = req.find("lease");
+  if (it == req.end() || !it->is_number_unsigned())
+    return s->SendError(IdOf(req), Status(ErrorCode::kInvalidArgument,
+                                          "\"lease\" must be the lease id from attach"));
+  Status st = s->ReleaseLease(it->get<uint64_t>());
+  if (!st.ok()) return s->SendError(IdOf(req), st);
+  s->Send(Reply(req));
+}
+
+bool Dispatcher::IsAdmin(const Session& s) const {
+  return s.peer().uid == 0 || s.peer().uid == ::geteuid();
+}
+
+void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
+  const json id = IdOf(req);
+  if (!IsAdmin(*s)) {
+    spdlog::warn("refused load from pid {} uid {}: not an admin", s->peer().pid, s->peer().uid);
+    return s->SendError(id, Status(ErrorCode::kPermissionDenied,
+                                   fmt::format("load is an admin verb: uid {} is neither root "
+                                               "nor the broker's uid {}",
+                                               s->peer().uid, ::geteuid())));
+  }
+  auto resolved = ResolveRequest(req);
+  if (!resolved.ok()) return s->SendError(id, resolved.status());
+  std::weak_ptr<Session> weak = s;
+  ctx_.registry->Acquire(*resolved, /*allow_load=*/true, /*pin=*/false,
+                         [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+                           auto s = weak.lock();
+                           if (!s || s->closed()) return;
+                           if (!entry.ok()) return s->SendError(id, entry.status());
+                           json r = Reply(req);
+                           r["model"] = (*entry)->resolved.model;
+                           r["revision"] = (*entry)->resolved.commit;
+                           r["bytes"] = (*entry)->loaded.arena->size();
+                           r["tensors"] = (*entry)->loaded.tensors.size();
+                           r["load_seconds"] = (*entry)->loaded.seconds;
+                           s->Send(std::move(r));
+                         });
+}
+
+void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
+  const json id = IdOf(req);
+  if (!IsAdmin(*s)) {
+    spdlog::warn("refused unload from pid {} uid {}: not an admin", s->peer().pid, s->peer().uid);
+    return s->SendError(id, Status(ErrorCode::kPermissionDenied,
+                                   fmt::format("unload is an admin verb: uid {} is neither root "
+                                               "nor the broker's uid {}",
+                                               s->peer().uid, ::geteuid())));
+  }
+  auto model = OptString(req, "model");
+  auto revision = OptString(req, "revision");
+  if (!model.ok()) return s->SendError(id, model.status());
+  if (!revision.ok()) return s->SendError(id, revision.status());
+  if (model->empty())
+    return s->SendError(id, Status(ErrorCode::kInvalidArgument, "\"model\" is required"));
+  bool force = req.value("force", false);
+  // A revision that is not a prefix of a loaded commit may be a branch or tag:
+  // resolve it in the cache to its commit.
+  std::string prefix = *revision;
+  bool matches_loaded = false;
+  for (const auto& e : ctx_.registry->Find(*model)) {
+    if (e->resolved.commit.rfind(prefix, 0) == 0) matches_loaded = true;
+  }
+  if (!prefix.empty() && !matches_loaded) {
+    auto resolved = ResolveModel(ctx_.cache_dir, *model, prefix);
+    if (resolved.ok()) prefix = resolved->commit;
+  }
+  auto result = ctx_.registry->Unload(*model, prefix, force);
+  if (!result.ok()) return s->SendError(id, result.status());
+  json r = Reply(req);
+  r.update(*result);
+  s->Send(std::move(r));
+}
+
+json Dispatcher::StatusJson() const {
+  auto mem = ctx_.backend->Memory();
+  json out;
+  out["broker"] = {
+      {"version", WBROKER_VERSION},
+      {"build", WBROKER_GIT_DESCRIBE},
+      {"pid", ::getpid()},
+      {"uid", ::geteuid()},
+      {"uptime_seconds",
+       std::chrono::duration<double>(std::chrono::steady_clock::now() - ctx_.started).count()},
+      {"socket", ctx_.server ? ctx_.server->socket_path() : ""},
+      {"cache_dir", ctx_.cache_dir.string()},
+      {"load_on_attach", ctx_.config->load_on_attach},
+  };
+  out["devices"] = json::array({{{"device", ctx_.backend->device()},
+                                 {"backend", ctx_.backend->name()},
+                                 {"requested", ctx_.config->device},
+                                 {"total_bytes", mem.total_bytes},
+                                 {"free_bytes", mem.free_bytes},
+                                 {"model_bytes", ctx_.registry->ArenaBytes()},
+                                 {"max_memory", ctx_.budget->limit()}}});
+  out["models"] = ctx_.registry->StatusJson();
+  out["clients"] = ctx_.server ? ctx_.server->ClientsJson() : json::array();
+  return out;
+}
+
+}  // namespace wbroker::broker

@@ -1,0 +1,56 @@
+// wbroker broker: turns requests into registry operations and replies.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <string>
+
+#include "backend.h"
+#include "config.h"
+#include "memory_budget.h"
+#include "model_registry.h"
+#include "session.h"
+
+namespace wbroker::broker {
+
+class Server;
+
+/// What the dispatcher needs from the broker around it.
+struct DispatcherContext {
+  const BrokerConfig* config = nullptr;        ///< settings (cache dir, load_on_attach, ...)
+  std::filesystem::path cache_dir;             ///< effective HF hub cache
+  Backend* backend = nullptr;                  ///< the device served
+  MemoryBudget* budget = nullptr;              ///< arena accounting
+  ModelRegistry* registry = nullptr;           ///< models and leases
+  Server* server = nullptr;                    ///< for the client list
+  std::chrono::steady_clock::time_point started;  ///< for uptime
+};
+
+/// Implements every protocol verb: hello, attach, release, status, load, unload, ping.
+class Dispatcher final : public RequestHandler {
+ public:
+  explicit Dispatcher(DispatcherContext ctx) : ctx_(std::move(ctx)) {}
+  void set_server(Server* server) { ctx_.server = server; }
+
+  void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) override;
+  void SessionClosed(const Session& session) override;
+
+  /// The status document (also used for the STATUS= line).
+  nlohmann::json StatusJson() const;
+
+ private:
+  void DoHello(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  void DoAttach(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  void DoRelease(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+
+  /// Admin verbs: root or the broker's own uid.
+  bool IsAdmin(const Session& s) const;
+  /// Resolves the request's "model"/"revision" in the cache.
+  Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
+
+  DispatcherContext ctx_;  ///< the broker's parts
+};
+
+}  // namespace wbroker::broker

@@ -1,0 +1,96 @@
+// wbrokerd: loads each model once and shares it with every worker process.
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <unistd.h>
+
+#include "broker.h"
+#include "config.h"
+#include "wbroker/common/size_units.h"
+
+namespace {
+
+using wbroker::broker::BrokerConfig;
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "wbrokerd: %s\n", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  CLI::App app{"wbrokerd: load each Hugging Face model once and share it zero-copy with every "
+               "worker process over a Unix socket"};
+  std::string config_path, socket_path, cache_dir, device, max_memory, log_level, socket_mode,
+      socket_group;
+  std::vector<std::string> preload;
+  bool version = false;
+  app.add_option("--config", config_path, "TOML config file");
+  app.add_option("--socket", socket_path,
+                 "Unix socket path (default: $WBROKER_SOCKET, else /run/wbroker/wbroker.sock)");
+  app.add_option("--socket-mode", socket_mode, "socket file permissions, octal (default 0660)");
+  app.add_option("--socket-group", socket_group, "group owning the socket file");
+  app.add_option("--cache-dir", cache_dir,
+                 "HF hub cache (default: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, $HF_HOME/hub, ...)");
+  app.add_option("--device", device, "auto | cpu | cuda:N (default auto)");
+  app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
+  app.add_option("--max-memory", max_memory, "arena memory budget, e.g. 48GiB (default unlimited)");
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");
+  app.add_flag("--version", version, "print the version and exit");
+  CLI11_PARSE(app, argc, argv);
+  if (version) {
+    std::printf("wbrokerd %s (%s)\n", WBROKER_VERSION, WBROKER_GIT_DESCRIBE);
+    return 0;
+  }
+
+  BrokerConfig cfg;
+  if (!config_path.empty()) {
+    auto loaded = wbroker::broker::LoadConfigFile(config_path);
+    if (!loaded.ok()) return Fail(loaded.status().message());
+    cfg = std::move(loaded).value();
+  }
+  if (!socket_path.empty()) cfg.socket_path = socket_path;
+  if (!socket_group.empty()) cfg.socket_group = socket_group;
+  if (!socket_mode.empty()) {
+    auto mode = wbroker::broker::ParseSocketMode(socket_mode);
+    if (!mode.ok()) return Fail(mode.status().message());
+    cfg.socket_mode = *mode;
+  }
+  if (!cache_dir.empty()) cfg.cache_dir = cache_dir;
+  if (!device.empty()) cfg.device = device;
+  if (!log_level.empty()) cfg.log_level = log_level;
+  if (!max_memory.empty()) {
+    auto bytes = wbroker::ParseByteSize(max_memory);
+    if (!bytes.ok()) return Fail("--max-memory: " + bytes.status().message());
+    cfg.max_memory = *bytes;
+  }
+  for (const auto& p : preload) {
+    auto entry = wbroker::broker::ParsePreload(p);
+    if (!entry.ok()) return Fail("--preload " + p + ": " + entry.status().message());
+    cfg.preload.push_back(*entry);
+  }
+
+  auto level = spdlog::level::from_str(cfg.log_level);
+  if (level == spdlog::level::off && cfg.log_level != "off")
+    return Fail("unknown log level \"" + cfg.log_level + "\"");
+  auto logger = spdlog::stderr_color_mt("wbrokerd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(level);
+  // Under systemd the journal adds its own timestamps.
+  if (std::getenv("JOURNAL_STREAM") != nullptr) spdlog::set_pattern("[%l] %v");
+
+  boost::asio::io_context io(1);
+  auto broker = wbroker::broker::Broker::Create(io, cfg);
+  if (!broker.ok()) return Fail(broker.status().message());
+  (*broker)->Start();
+  io.run();
+  spdlog::info("stopped");
+  return 0;
+} catch (const std::exception& e) {
+  return Fail(std::string("fatal: ") + e.what());
+}

@@ -1,0 +1,90 @@
+// wbroker broker: model loading. Parsing and validation happen before any
+// memory is taken, so a malformed file costs nothing but an error message.
+#include "model_loader.h"
+
+#include <fcntl.h>
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <chrono>
+
+#include "wbroker/common/unique_fd.h"
+
+namespace wbroker::broker {
+
+ArenaPlan PlanArena(const ModelWeights& weights) {
+  ArenaPlan plan;
+  plan.tensors.reserve(weights.tensor_count);
+  uint64_t cursor = 0;
+  for (size_t f = 0; f < weights.files.size(); ++f) {
+    const auto& header = weights.files[f].header;
+    for (const auto& t : header.tensors) {
+      cursor = (cursor + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+      plan.tensors.push_back({t.name, t.dtype, t.shape, cursor, t.nbytes()});
+      plan.jobs.push_back({static_cast<int>(f), header.data_start + t.begin, cursor, t.nbytes()});
+      cursor += t.nbytes();
+      plan.tensor_bytes += t.nbytes();
+    }
+  }
+  plan.size = cursor;
+  return plan;
+}
+
+Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
+                              const LoaderOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  WB_ASSIGN_OR_RETURN(ModelWeights weights, OpenModelWeights(model));
+  ArenaPlan plan = PlanArena(weights);
+
+  // Open every file before reserving memory: a permission problem should not
+  // cost an allocation.
+  std::vector<UniqueFd> fds;
+  for (const auto& file : weights.files) {
+    UniqueFd fd(::open(file.path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return ErrnoStatus("open " + file.path.string());
+    // The whole file is read once, front to back per thread: ask for readahead.
+    ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+    fds.push_back(std::move(fd));
+  }
+  for (auto& job : plan.jobs) job.fd = fds[static_cast<size_t>(job.fd)].get();
+
+  const std::string label = model.model + "@" + (model.commit.empty() ? "local" : model.commit);
+  if (options.budget != nullptr)
+    WB_RETURN_IF_ERROR(options.budget->TryReserve(plan.size, "loading " + label));
+  auto release_budget = [&] {
+    if (options.budget != nullptr) options.budget->Release(plan.size);
+  };
+
+  auto arena = backend.Allocate(plan.size, label);
+  if (!arena.ok()) {
+    release_budget();
+    return arena.status();
+  }
+  FillOptions fill;
+  fill.threads = options.threads;
+  if (options.on_progress) {
+    auto done = std::make_shared<std::atomic<uint64_t>>(0);
+    uint64_t total = plan.tensor_bytes;
+    fill.on_progress = [done, total, cb = options.on_progress](uint64_t n) {
+      cb(done->fetch_add(n) + n, total);
+    };
+  }
+  Status s = (*arena)->Fill(plan.jobs, fill);
+  if (s.ok()) s = (*arena)->Seal();
+  if (!s.ok()) {
+    release_budget();
+    return s.WithContext("loading " + label);
+  }
+
+  LoadedModel out;
+  out.arena = std::move(arena).value();
+  out.tensors = std::move(plan.tensors);
+  out.tensor_bytes = plan.tensor_bytes;
+  out.files = weights.files.size();
+  if (!weights.files.empty()) out.metadata = weights.files.front().header.metadata;
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return out;
+}
+
+}  // namespace wbroker::broker

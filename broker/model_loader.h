@@ -1,0 +1,53 @@
+// wbroker broker: loads one resolved snapshot into one arena.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "memory_budget.h"
+#include "wbroker/common/hf_cache.h"
+#include "wbroker/common/manifest.h"
+#include "wbroker/common/model_files.h"
+
+namespace wbroker::broker {
+
+/// Where each tensor goes in the arena, and the arena's size.
+struct ArenaPlan {
+  std::vector<ManifestTensor> tensors;  ///< in file order, offsets kArenaAlignment-aligned
+  std::vector<CopyJob> jobs;            ///< one per tensor; fd is the file index until opened
+  uint64_t size = 0;                    ///< arena bytes, padding included
+  uint64_t tensor_bytes = 0;            ///< sum of tensor sizes
+};
+
+/// Lays the tensors of `weights` out back to back at aligned offsets.
+ArenaPlan PlanArena(const ModelWeights& weights);
+
+/// A model in memory, ready to export.
+struct LoadedModel {
+  std::unique_ptr<Arena> arena;            ///< sealed
+  std::vector<ManifestTensor> tensors;     ///< manifest
+  uint64_t tensor_bytes = 0;               ///< payload bytes
+  size_t files = 0;                        ///< weight files read
+  double seconds = 0;                      ///< wall time of the whole load
+  std::map<std::string, std::string> metadata;  ///< `__metadata__` of the first file
+};
+
+/// Knobs of one load.
+struct LoaderOptions {
+  unsigned threads = 4;                       ///< reader threads
+  MemoryBudget* budget = nullptr;             ///< reserved before allocation when set
+  std::function<void(uint64_t done, uint64_t total)> on_progress;  ///< any thread
+};
+
+/// Validates the snapshot's weights, reserves budget, allocates, fills and seals.
+/// On success the budget holds arena->size() bytes for this model; the caller
+/// releases them when it frees the arena. On failure nothing stays reserved.
+Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
+                              const LoaderOptions& options);
+
+}  // namespace wbroker::broker

@@ -1,0 +1,209 @@
+// wbroker broker: session I/O. Asio tells us when the socket is readable or
+// writable; recvmsg/sendmsg do the transfer so that control messages (fds)
+// can be validated and attached.
+#include "session.h"
+
+#include <boost/asio/error.hpp>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "wbroker/common/frame.h"
+
+namespace wbroker::broker {
+
+Session::Session(boost::asio::local::stream_protocol::socket socket, uint64_t id,
+                 PeerCredentials peer, RequestHandler& handler, ModelRegistry& registry,
+                 const SessionLimits& limits)
+    : socket_(std::move(socket)),
+      hello_timer_(socket_.get_executor()),
+      id_(id),
+      peer_(peer),
+      handler_(handler),
+      registry_(registry),
+      limits_(limits) {}
+
+void Session::Start() {
+  socket_.non_blocking(true);
+  hello_timer_.expires_after(limits_.hello_timeout);
+  hello_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (ec == boost::asio::error::operation_aborted || self->hello_ || self->closed_) return;
+    spdlog::warn("client {} (pid {} uid {}): no hello within {} ms, closing", self->id_,
+                 self->peer_.pid, self->peer_.uid, self->limits_.hello_timeout.count());
+    self->Close("handshake timeout");
+  });
+  DoRead();
+}
+
+void Session::DoRead() {
+  if (closed_) return;
+  socket_.async_wait(boost::asio::socket_base::wait_read,
+                     [self = shared_from_this()](const boost::system::error_code& ec) {
+                       if (ec == boost::asio::error::operation_aborted || self->closed_) return;
+                       if (ec) {
+                         self->Close("read wait failed: " + ec.message());
+                         return;
+                       }
+                       self->DoProcessInput();
+                     });
+}
+
+void Session::DoProcessInput() {
+  char buf[64 * 1024];
+  for (;;) {
+    // Clients never send fds: max_fds = 0 makes any SCM_RIGHTS a protocol error
+    // (and closes the fds that came with it).
+    auto chunk = RecvWithFds(socket_.native_handle(), buf, sizeof(buf), 0);
+    if (!chunk.ok()) {
+      spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
+                   peer_.uid, chunk.status().message());
+      Send({{"ok", false},
+            {"error", {{"code", ErrorCodeName(ErrorCode::kProtocol)},
+                       {"message", chunk.status().message()}}}});
+      Close("protocol error");
+      return;
+    }
+    if (chunk->would_block) break;
+    if (chunk->bytes == 0) {
+      Close("peer closed the connection");
+      return;
+    }
+    inbuf_.append(buf, chunk->bytes);
+  }
+  // Frame every complete message in the buffer.
+  size_t pos = 0;
+  while (!closed_ && inbuf_.size() - pos >= kFrameHeaderBytes) {
+    auto len = DecodeFrameHeader(std::string_view(inbuf_).substr(pos, kFrameHeaderBytes),
+                                 limits_.max_frame_bytes);
+    if (!len.ok()) {
+      spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
+                   peer_.uid, len.status().message());
+      SendError(nullptr, len.status());
+      Close("bad frame header");
+      return;
+    }
+    if (inbuf_.size() - pos - kFrameHeaderBytes < *len) break;
+    auto body = DecodeFrameBody(std::string_view(inbuf_).substr(pos + kFrameHeaderBytes, *len));
+    pos += kFrameHeaderBytes + *len;
+    if (!body.ok()) {
+      spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
+                   peer_.uid, body.status().message());
+      SendError(nullptr, body.status());
+      Close("bad frame body");
+      return;
+    }
+    handler_.HandleRequest(shared_from_this(), std::move(body).value());
+  }
+  inbuf_.erase(0, pos);
+  DoRead();
+}
+
+void Session::Send(nlohmann::json message, std::vector<UniqueFd> fds) {
+  if (!socket_.is_open()) return;
+  if (!fds.empty()) message["fds"] = fds.size();
+  auto frame = EncodeFrame(message, limits_.max_frame_bytes);
+  if (!frame.ok()) {
+    spdlog::error("client {}: cannot send reply: {}", id_, frame.status().ToString());
+    nlohmann::json err = {{"ok", false},
+                          {"error", {{"code", ErrorCodeName(frame.status().code())},
+                                     {"message", frame.status().message()}}}};
+    if (message.contains("id")) err["id"] = message["id"];
+    frame = EncodeFrame(err);
+    fds.clear();
+    if (!frame.ok()) return;
+  }
+  outq_.push_back(Outgoing{std::move(frame).value(), std::move(fds), 0});
+  DoWrite();
+}
+
+void Session::SendError(const nlohmann::json& request_id, const Status& status) {
+  nlohmann::json msg = {{"ok", false},
+                        {"error", {{"code", ErrorCodeName(status.code())},
+                                   {"message", status.message()}}}};
+  if (!request_id.is_null()) msg["id"] = request_id;
+  Send(std::move(msg));
+}
+
+bool Session::WriteSome() {
+  while (!outq_.empty()) {
+    Outgoing& out = outq_.front();
+    std::vector<int> raw;
+    if (out.sent == 0) {
+      for (const auto& fd : out.fds) raw.push_back(fd.get());
+    }
+    auto n = SendSomeWithFds(socket_.native_handle(),
+                             std::string_view(out.bytes).substr(out.sent), raw);
+    if (!n.ok()) {
+      spdlog::debug("client {}: {}", id_, n.status().message());
+      outq_.clear();
+      return false;
+    }
+    if (*n == 0) return true;  // would block
+    if (out.sent == 0) out.fds.clear();  // delivered with the first byte: close our dups
+    out.sent += *n;
+    if (out.sent == out.bytes.size()) outq_.pop_front();
+  }
+  return true;
+}
+
+void Session::DoWrite() {
+  if (writing_ || closed_) return;
+  if (!WriteSome()) {
+    Close("write failed");
+    return;
+  }
+  if (outq_.empty()) return;
+  writing_ = true;
+  socket_.async_wait(boost::asio::socket_base::wait_write,
+                     [self = shared_from_this()](const boost::system::error_code& ec) {
+                       self->writing_ = false;
+                       if (ec == boost::asio::error::operation_aborted || self->closed_) return;
+                       if (ec) {
+                         self->Close("write wait failed: " + ec.message());
+                         return;
+                       }
+                       self->DoWrite();
+                     });
+}
+
+uint64_t Session::AddLease(std::shared_ptr<ModelEntry> entry) {
+  uint64_t id = next_lease_++;
+  registry_.AddLease(entry);
+  leases_.emplace(id, std::move(entry));
+  return id;
+}
+
+Status Session::ReleaseLease(uint64_t lease_id) {
+  auto it = leases_.find(lease_id);
+  if (it == leases_.end())
+    return Status(ErrorCode::kNotFound,
+                  fmt::format("no lease {} on this connection", lease_id));
+  auto entry = std::move(it->second);
+  leases_.erase(it);
+  registry_.ReleaseLease(entry);
+  return Status::Ok();
+}
+
+void Session::ReleaseAllLeases() {
+  auto leases = std::move(leases_);
+  leases_.clear();
+  for (auto& [id, entry] : leases) registry_.ReleaseLease(entry);
+}
+
+void Session::Close(const std::string& why) {
+  if (closed_) return;
+  closed_ = true;
+  hello_timer_.cancel();
+  spdlog::debug("client {} (pid {} uid {}) closed: {} ({} lease(s) released)", id_, peer_.pid,
+                peer_.uid, why, leases_.size());
+  ReleaseAllLeases();
+  handler_.SessionClosed(*this);
+  // One last non-blocking try to deliver what is queued (often the error that
+  // explains the close); a peer that does not read loses it. Closing cancels
+  // the pending waits, which then see operation_aborted.
+  WriteSome();
+  outq_.clear();
+  boost::system::error_code ec;
+  socket_.close(ec);
+}
+
+}  // namespace wbroker::broker

@@ -1,0 +1,102 @@
+// wbroker broker: one client connection: framing, fd passing, its leases.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
+#include "model_registry.h"
+#include "wbroker/common/fd_socket.h"
+#include "wbroker/common/unique_fd.h"
+
+namespace wbroker::broker {
+
+class Session;
+
+/// Handles each request a session receives (implemented by the Dispatcher).
+class RequestHandler {
+ public:
+  virtual ~RequestHandler() = default;
+  /// Called on the io thread for every well-formed request frame.
+  virtual void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) = 0;
+  /// Called once when the session ends, after its leases were released.
+  virtual void SessionClosed(const Session& session) = 0;
+};
+
+/// Limits applied to every connection.
+struct SessionLimits {
+  uint32_t max_frame_bytes = 16u << 20;  ///< larger frames drop the connection
+  std::chrono::milliseconds hello_timeout{10000};  ///< close if no hello by then
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(boost::asio::local::stream_protocol::socket socket, uint64_t id,
+          PeerCredentials peer, RequestHandler& handler, ModelRegistry& registry,
+          const SessionLimits& limits);
+
+  /// Starts reading requests.
+  void Start();
+  /// Closes the connection (idempotent); leases are released.
+  void Close(const std::string& why);
+
+  /// Queues a frame; `fds` are sent with its first byte and closed after.
+  void Send(nlohmann::json message, std::vector<UniqueFd> fds = {});
+  /// Sends {"ok":false,"id":..,"error":{...}} for `request_id`.
+  void SendError(const nlohmann::json& request_id, const Status& status);
+
+  /// Records a lease on `entry`; returns its id.
+  uint64_t AddLease(std::shared_ptr<ModelEntry> entry);
+  /// Ends a lease; kNotFound when this connection holds no such lease.
+  Status ReleaseLease(uint64_t lease_id);
+
+  uint64_t id() const { return id_; }
+  const PeerCredentials& peer() const { return peer_; }
+  bool said_hello() const { return hello_; }
+  void set_hello(std::string client_name) {
+    hello_ = true;
+    client_name_ = std::move(client_name);
+  }
+  const std::string& client_name() const { return client_name_; }
+  size_t lease_count() const { return leases_.size(); }
+  bool closed() const { return closed_; }
+
+ private:
+  struct Outgoing {
+    std::string bytes;           ///< whole frame
+    std::vector<UniqueFd> fds;   ///< sent with bytes[0]
+    size_t sent = 0;             ///< bytes written so far
+  };
+
+  void DoRead();
+  void DoProcessInput();
+  void DoWrite();
+  /// Writes queued frames until done or the socket would block; false on error.
+  bool WriteSome();
+  void ReleaseAllLeases();
+
+  boost::asio::local::stream_protocol::socket socket_;  ///< the connection
+  boost::asio::steady_timer hello_timer_;               ///< handshake deadline
+  const uint64_t id_;                                   ///< broker-wide connection id
+  const PeerCredentials peer_;                          ///< SO_PEERCRED at accept
+  RequestHandler& handler_;                             ///< request dispatch
+  ModelRegistry& registry_;                             ///< lease accounting
+  const SessionLimits limits_;                          ///< frame bounds
+  std::string inbuf_;                                   ///< bytes not yet framed
+  std::deque<Outgoing> outq_;                           ///< frames waiting to go out
+  bool writing_ = false;                                ///< a write wait is pending
+  bool hello_ = false;                                  ///< handshake done
+  bool closed_ = false;                                 ///< Close() ran
+  std::string client_name_;                             ///< from hello
+  std::map<uint64_t, std::shared_ptr<ModelEntry>> leases_;  ///< lease id -> model
+  uint64_t next_lease_ = 1;                             ///< per-connection counter
+};
+
+}  // namespace wbroker::broker

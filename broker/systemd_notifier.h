@@ -1,0 +1,35 @@
+// wbroker broker: the service manager protocol (sd_notify, socket activation).
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+namespace wbroker::broker {
+
+/// Talks to systemd when started by it; every call is a no-op otherwise.
+class SystemdNotifier {
+ public:
+  SystemdNotifier();
+
+  /// READY=1 plus a STATUS line.
+  void Ready(const std::string& status);
+  /// STATUS=<text> (shown by `systemctl status`).
+  void Status(const std::string& status);
+  /// STOPPING=1.
+  void Stopping();
+  /// WATCHDOG=1.
+  void Watchdog();
+  /// Half the WATCHDOG_USEC interval when the watchdog is on for this process.
+  std::optional<std::chrono::microseconds> watchdog_ping_interval() const { return ping_; }
+
+  /// The first socket passed by systemd (LISTEN_FDS) when it is a listening
+  /// AF_UNIX stream socket; -1 when none was passed. Clears the LISTEN_*
+  /// variables so children do not inherit them.
+  static int TakeListenSocket(std::string* error);
+
+ private:
+  std::optional<std::chrono::microseconds> ping_;  ///< watchdog ping period
+};
+
+}  // namespace wbroker::broker

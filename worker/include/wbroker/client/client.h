@@ -1,0 +1,114 @@
+// wbroker client: connect to wbrokerd and attach models zero-copy.
+//
+//   auto client = wbroker::client::Client::Connect({});
+//   auto lease = (*client)->Attach("org/name", "3f6b9d2");
+//   const auto* w = (*lease)->Find("model.embed_tokens.weight");
+//   // w->data points into the broker's sealed arena: read-only, no copy.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "wbroker/common/dtype.h"
+#include "wbroker/common/mapping.h"
+#include "wbroker/common/status.h"
+
+namespace wbroker::client {
+
+class Connection;
+
+/// One tensor inside a lease's mapping.
+struct TensorView {
+  std::string name;            ///< checkpoint key
+  DType dtype = DType::kU8;    ///< element type
+  std::vector<int64_t> shape;  ///< dimensions
+  const void* data = nullptr;  ///< start of the bytes (host pointer for host arenas)
+  uint64_t nbytes = 0;         ///< length in bytes
+  uint64_t offset = 0;         ///< offset inside the arena
+};
+
+/// A model attached from the broker. Owns the read-only mapping; releases the
+/// lease and unmaps on destruction. Safe to outlive the Client object.
+class Lease {
+ public:
+  ~Lease();
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+
+  const std::string& model() const { return model_; }
+  /// Full 40-hex commit the revision resolved to ("" for a local dir without metadata).
+  const std::string& revision() const { return revision_; }
+  /// Where the snapshot lives (config.json, tokenizer.json sit there).
+  const std::string& snapshot_dir() const { return snapshot_; }
+  /// "cpu" for host arenas.
+  const std::string& device() const { return device_; }
+  /// "host", "cuda-ipc", "cuda-vmm".
+  const std::string& backend() const { return backend_; }
+  uint64_t id() const { return id_; }
+  uint64_t arena_size() const { return arena_size_; }
+  const void* arena_base() const { return base_; }
+  const std::vector<TensorView>& tensors() const { return tensors_; }
+  /// `__metadata__` of the first weight file.
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  /// nullptr when the model has no tensor of that name.
+  const TensorView* Find(const std::string& name) const;
+
+  /// Tells the broker the lease is over (also done by the destructor). The
+  /// mapping stays valid until the Lease is destroyed.
+  Status Release();
+
+ private:
+  friend class Client;
+  Lease() = default;
+
+  std::shared_ptr<Connection> conn_;   ///< for the release message
+  uint64_t id_ = 0;                    ///< broker lease id
+  bool released_ = false;              ///< Release() done
+  std::string model_, revision_, snapshot_, device_, backend_;
+  uint64_t arena_size_ = 0;            ///< mapped length
+  void* base_ = nullptr;               ///< mapping start (host)
+  std::vector<TensorView> tensors_;    ///< manifest with pointers
+  std::map<std::string, size_t> by_name_;  ///< name -> index in tensors_
+  std::map<std::string, std::string> metadata_;
+  MappedRegion mapping_;               ///< the read-only arena mapping, unmapped with the Lease
+};
+
+/// Connection options.
+struct ClientOptions {
+  std::string socket_path;  ///< "" = $WBROKER_SOCKET, else /run/wbroker/wbroker.sock
+  std::string client_name;  ///< shown in `wbrokerctl status`
+  std::chrono::milliseconds timeout{0};  ///< per request; 0 = wait forever (loads can be slow)
+};
+
+/// A connection to wbrokerd. One request at a time (calls are serialized).
+class Client {
+ public:
+  static Result<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  ~Client();
+
+  /// Attaches `model` at `revision` ("" = main). Waits while the broker loads it.
+  Result<std::unique_ptr<Lease>> Attach(const std::string& model, const std::string& revision = "",
+                                        const std::string& device = "");
+  /// Sends any request (`op` and fields) and returns the reply's JSON; a reply
+  /// with ok=false becomes a Status with the broker's code and message.
+  Result<nlohmann::json> Call(nlohmann::json request);
+  /// The broker's hello reply ("broker": {version, pid, uid, device, backend}).
+  const nlohmann::json& broker_info() const { return broker_info_; }
+  const std::string& socket_path() const { return socket_path_; }
+
+ private:
+  Client() = default;
+  std::shared_ptr<Connection> conn_;  ///< shared with leases
+  nlohmann::json broker_info_;        ///< from hello
+  std::string socket_path_;           ///< where we connected
+};
+
+}  // namespace wbroker::client

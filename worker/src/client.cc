@@ -1,0 +1,202 @@
+// wbroker client: blocking request/reply over the broker socket, and leases
+// that map sealed arenas read-only.
+#include "wbroker/client/client.h"
+
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+
+#include <mutex>
+
+#include "wbroker/common/fd_socket.h"
+#include "wbroker/common/frame.h"
+#include "wbroker/common/manifest.h"
+#include "wbroker/common/mapping.h"
+#include "wbroker/common/unique_fd.h"
+
+namespace wbroker::client {
+
+/// The socket, shared by the Client and its Leases; one request at a time.
+class Connection {
+ public:
+  Connection(UniqueFd fd, std::string path, std::chrono::milliseconds timeout)
+      : fd_(std::move(fd)), path_(std::move(path)), timeout_(timeout) {}
+
+  /// Sends `request` and waits for the reply with the same id.
+  Result<Frame> Call(nlohmann::json request) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!fd_) return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
+    uint64_t id = next_id_++;
+    request["id"] = id;
+    Status s = WriteFrameBlocking(fd_.get(), request);
+    if (!s.ok()) return Broken(s);
+    for (;;) {
+      if (timeout_.count() > 0) {
+        pollfd p{fd_.get(), POLLIN, 0};
+        int rc = ::poll(&p, 1, static_cast<int>(timeout_.count()));
+        if (rc == 0)
+          return Broken(Status(ErrorCode::kUnavailable,
+                               fmt::format("wbrokerd did not answer within {} ms", timeout_.count())));
+      }
+      auto frame = ReadFrameBlocking(fd_.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
+      if (!frame.ok()) return Broken(frame.status());
+      auto rid = frame->body.find("id");
+      // Frames without our id (a broker notice before closing) still end the call.
+      if (rid != frame->body.end() && *rid != id) continue;
+      return frame;
+    }
+  }
+
+  std::string path() const { return path_; }
+
+ private:
+  Status Broken(const Status& s) {
+    fd_.reset();
+    if (s.code() == ErrorCode::kUnavailable)
+      return Status(ErrorCode::kUnavailable,
+                    fmt::format("lost connection to wbrokerd at {}: {}", path_, s.message()));
+    return s;
+  }
+
+  std::mutex mu_;                      ///< serializes calls
+  UniqueFd fd_;                        ///< the socket; empty once broken
+  const std::string path_;             ///< for messages
+  const std::chrono::milliseconds timeout_;  ///< per call, 0 = none
+  uint64_t next_id_ = 1;               ///< request ids
+};
+
+namespace {
+
+Status ReplyStatus(const nlohmann::json& body) {
+  if (body.value("ok", false)) return Status::Ok();
+  auto err = body.find("error");
+  if (err == body.end() || !err->is_object())
+    return Status(ErrorCode::kProtocol, "broker reply has neither ok nor error");
+  std::string code = err->value("code", "internal");
+  std::string message = err->value("message", "(no message)");
+  return Status(ErrorCodeFromName(code).value_or(ErrorCode::kInternal), message);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  std::unique_ptr<Client> c(new Client());
+  c->socket_path_ = options.socket_path.empty() ? DefaultSocketPath() : options.socket_path;
+  WB_ASSIGN_OR_RETURN(UniqueFd fd, ConnectUnixSocket(c->socket_path_));
+  c->conn_ = std::make_shared<Connection>(std::move(fd), c->socket_path_, options.timeout);
+  std::string name = options.client_name;
+  if (name.empty()) {
+    char exe[256] = {0};
+    ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    name = n > 0 ? std::string(exe, static_cast<size_t>(n)) : "wbroker-client";
+    name = name.substr(name.find_last_of('/') + 1);
+  }
+  WB_ASSIGN_OR_RETURN(c->broker_info_,
+                      c->Call({{"op", "hello"}, {"protocol", kProtocolVersion}, {"client", name}}));
+  return c;
+}
+
+Client::~Client() = default;
+
+Result<nlohmann::json> Client::Call(nlohmann::json request) {
+  WB_ASSIGN_OR_RETURN(Frame frame, conn_->Call(std::move(request)));
+  if (!frame.fds.empty())
+    return Status(ErrorCode::kProtocol, "unexpected file descriptors in a broker reply");
+  WB_RETURN_IF_ERROR(ReplyStatus(frame.body));
+  return std::move(frame.body);
+}
+
+Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const std::string& revision,
+                                              const std::string& device) {
+  nlohmann::json req = {{"op", "attach"}, {"model", model}};
+  if (!revision.empty()) req["revision"] = revision;
+  if (!device.empty()) req["device"] = device;
+  WB_ASSIGN_OR_RETURN(Frame frame, conn_->Call(std::move(req)));
+  WB_RETURN_IF_ERROR(ReplyStatus(frame.body));
+  const auto& body = frame.body;
+
+  // From here the lease exists on the broker: build the Lease first so that
+  // any refusal below releases it through the destructor.
+  std::unique_ptr<Lease> lease(new Lease());
+  lease->conn_ = conn_;
+  auto lease_id = body.find("lease");
+  if (lease_id == body.end() || !lease_id->is_number_unsigned())
+    return Status(ErrorCode::kProtocol, "attach reply without a lease id");
+  lease->id_ = lease_id->get<uint64_t>();
+  try {
+    lease->model_ = body.at("model").get<std::string>();
+    lease->revision_ = body.at("revision").get<std::string>();
+    lease->snapshot_ = body.value("snapshot", "");
+    lease->device_ = body.value("device", "cpu");
+    lease->backend_ = body.value("backend", "host");
+    if (auto md = body.find("metadata"); md != body.end() && md->is_object()) {
+      for (const auto& [k, v] : md->items())
+        if (v.is_string()) lease->metadata_[k] = v.get<std::string>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return Status(ErrorCode::kProtocol, std::string("malformed attach reply: ") + e.what());
+  }
+  const auto arena = body.find("arena");
+  if (arena == body.end() || !arena->is_object() || !arena->contains("size") ||
+      !(*arena)["size"].is_number_unsigned())
+    return Status(ErrorCode::kProtocol, "attach reply without an arena descriptor");
+  const std::string kind = arena->value("kind", "");
+  lease->arena_size_ = (*arena)["size"].get<uint64_t>();
+  if (kind != "memfd")
+    return Status(ErrorCode::kUnsupported,
+                  fmt::format("arena kind \"{}\" is not supported by this client", kind));
+  if (frame.fds.size() != 1)
+    return Status(ErrorCode::kProtocol,
+                  fmt::format("memfd arena needs exactly 1 fd, got {}", frame.fds.size()));
+  const int fd = frame.fds[0].get();
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoStatus("fstat arena fd");
+  if (static_cast<uint64_t>(st.st_size) < lease->arena_size_)
+    return Status(ErrorCode::kProtocol,
+                  fmt::format("arena fd holds {} bytes, descriptor says {}", st.st_size,
+                              lease->arena_size_));
+  WB_ASSIGN_OR_RETURN(auto tensors, ManifestFromJson(body.value("tensors", nlohmann::json()),
+                                                     lease->arena_size_));
+  // Read-only shared mapping: the arena is sealed against writes, and PROT_READ
+  // makes a stray store fault here instead of even trying.
+  WB_ASSIGN_OR_RETURN(MappedRegion map,
+                      MappedRegion::Map(fd, lease->arena_size_, PROT_READ, MAP_SHARED));
+  lease->tensors_.reserve(tensors.size());
+  for (auto& t : tensors) {
+    TensorView v;
+    v.name = std::move(t.name);
+    v.dtype = t.dtype;
+    v.shape.assign(t.shape.begin(), t.shape.end());
+    v.data = map.bytes() + t.offset;
+    v.nbytes = t.nbytes;
+    v.offset = t.offset;
+    lease->by_name_.emplace(v.name, lease->tensors_.size());
+    lease->tensors_.push_back(std::move(v));
+  }
+  lease->base_ = map.data();
+  lease->mapping_ = std::move(map);
+  return lease;
+}
+
+const TensorView* Lease::Find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &tensors_[it->second];
+}
+
+Status Lease::Release() {
+  if (released_) return Status::Ok();
+  released_ = true;
+  auto reply = conn_->Call({{"op", "release"}, {"lease", id_}});
+  if (!reply.ok()) return reply.status();
+  return ReplyStatus(reply->body);
+}
+
+Lease::~Lease() {
+  // A broken connection already ended the lease on the broker side.
+  (void)Release();
+}
+
+}  // namespace wbroker::client
