@@ -42,7 +42,12 @@ Status PrepareSocketPath(const std::string& path) {
 
 Server::Server(boost::asio::io_context& io, const ServerOptions& options, RequestHandler& handler,
                ModelRegistry& registry)
-    : io_(io), options_(options), handler_(handler), registry_(registry), acceptor_(io) {}
+    : io_(io),
+      options_(options),
+      handler_(handler),
+      registry_(registry),
+      acceptor_(io),
+      accept_backoff_(io) {}
 
 Server::~Server() { Stop(); }
 
@@ -101,8 +106,13 @@ void Server::DoAccept() {
     if (ec == boost::asio::error::operation_aborted) return;  // Stop()
     if (ec) {
       // EMFILE and friends: log, back off by continuing; never stop serving.
-      spdlog::error("accept failed: {}", ec.message());
-      if (acceptor_.is_open()) DoAccept();
+      // EMFILE and friends: the pending connection stays queued, so retrying
+      // at once would spin. Back off briefly, keep serving, never stop.
+      spdlog::error("accept failed: {}; retrying in 100 ms", ec.message());
+      accept_backoff_.expires_after(std::chrono::milliseconds(100));
+      accept_backoff_.async_wait([this](const boost::system::error_code& wait_ec) {
+        if (!wait_ec && acceptor_.is_open()) DoAccept();
+      });
       return;
     }
     auto cred = GetPeerCredentials(socket.native_handle());
@@ -131,6 +141,7 @@ void Server::DoAccept() {
 void Server::Stop() {
   boost::system::error_code ec;
   if (acceptor_.is_open()) acceptor_.close(ec);
+  accept_backoff_.cancel();
   auto sessions = sessions_;
   for (auto& [id, weak] : sessions) {
     if (auto s = weak.lock()) s->Close("broker shutting down");

@@ -11,6 +11,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
 #include "session.h"
@@ -60,6 +61,7 @@ class Server {
   RequestHandler& handler_;                                ///< request dispatch
   ModelRegistry& registry_;                                ///< for sessions
   boost::asio::local::stream_protocol::acceptor acceptor_; ///< listening socket
+  boost::asio::steady_timer accept_backoff_;               ///< delay after a failed accept
   std::string path_;                                       ///< socket path
   bool owns_path_ = false;                                 ///< we bound it: unlink at Stop
   uint64_t next_id_ = 1;                                   ///< connection ids

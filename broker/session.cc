@@ -4,6 +4,7 @@
 #include "session.h"
 
 #include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -49,7 +50,9 @@ void Session::DoRead() {
 
 void Session::DoProcessInput() {
   char buf[64 * 1024];
-  for (;;) {
+  // Never buffer more than one largest frame ahead: a client that keeps the
+  // socket full must not grow inbuf_ before its frames are checked.
+  while (inbuf_.size() < kFrameHeaderBytes + limits_.max_frame_bytes) {
     // Clients never send fds: max_fds = 0 makes any SCM_RIGHTS a protocol error
     // (and closes the fds that came with it).
     auto chunk = RecvWithFds(socket_.native_handle(), buf, sizeof(buf), 0);
@@ -69,9 +72,20 @@ void Session::DoProcessInput() {
     }
     inbuf_.append(buf, chunk->bytes);
   }
+  ProcessFrames();
+}
+
+void Session::ProcessFrames() {
   // Frame every complete message in the buffer.
   size_t pos = 0;
   while (!closed_ && inbuf_.size() - pos >= kFrameHeaderBytes) {
+    // Backpressure: while earlier replies wait for the peer to read them,
+    // handle (and read) no more of its requests. Otherwise a client that
+    // sends without reading makes the broker queue replies without bound.
+    if (!outq_.empty()) {
+      read_paused_ = true;
+      break;
+    }
     auto len = DecodeFrameHeader(std::string_view(inbuf_).substr(pos, kFrameHeaderBytes),
                                  limits_.max_frame_bytes);
     if (!len.ok()) {
@@ -94,7 +108,7 @@ void Session::DoProcessInput() {
     handler_.HandleRequest(shared_from_this(), std::move(body).value());
   }
   inbuf_.erase(0, pos);
-  DoRead();
+  if (!read_paused_) DoRead();
 }
 
 void Session::Send(nlohmann::json message, std::vector<UniqueFd> fds) {
@@ -112,6 +126,20 @@ void Session::Send(nlohmann::json message, std::vector<UniqueFd> fds) {
     if (!frame.ok()) return;
   }
   outq_.push_back(Outgoing{std::move(frame).value(), std::move(fds), 0});
+  DoWrite();
+}
+
+void Session::SendRaw(std::string body, std::vector<UniqueFd> fds) {
+  if (!socket_.is_open()) return;
+  if (body.size() > limits_.max_frame_bytes) {
+    spdlog::error("client {}: reply of {} bytes exceeds the frame limit", id_, body.size());
+    return SendError(nullptr, Status(ErrorCode::kResourceExhausted,
+                                     "reply exceeds the frame size limit (max_frame_bytes)"));
+  }
+  auto header = EncodeFrameHeader(static_cast<uint32_t>(body.size()));
+  std::string frame(header.data(), header.size());
+  frame += body;
+  outq_.push_back(Outgoing{std::move(frame), std::move(fds), 0});
   DoWrite();
 }
 
@@ -151,7 +179,17 @@ void Session::DoWrite() {
     Close("write failed");
     return;
   }
-  if (outq_.empty()) return;
+  if (outq_.empty()) {
+    if (read_paused_ && !closed_) {
+      // The peer caught up: go on with its buffered requests (posted, so that
+      // a Send() made from inside a handler never recurses into requests).
+      read_paused_ = false;
+      boost::asio::post(socket_.get_executor(), [self = shared_from_this()] {
+        if (!self->closed_) self->ProcessFrames();
+      });
+    }
+    return;
+  }
   writing_ = true;
   socket_.async_wait(boost::asio::socket_base::wait_write,
                      [self = shared_from_this()](const boost::system::error_code& ec) {

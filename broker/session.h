@@ -49,6 +49,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   /// Queues a frame; `fds` are sent with its first byte and closed after.
   void Send(nlohmann::json message, std::vector<UniqueFd> fds = {});
+  /// Queues an already serialized JSON object body (it must carry "fds": N
+  /// when fds are attached). For replies assembled from cached pieces.
+  void SendRaw(std::string body, std::vector<UniqueFd> fds);
   /// Sends {"ok":false,"id":..,"error":{...}} for `request_id`.
   void SendError(const nlohmann::json& request_id, const Status& status);
 
@@ -77,6 +80,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void DoRead();
   void DoProcessInput();
+  /// Handles the complete frames in inbuf_; pauses while replies are queued.
+  void ProcessFrames();
   void DoWrite();
   /// Writes queued frames until done or the socket would block; false on error.
   bool WriteSome();
@@ -92,6 +97,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::string inbuf_;                                   ///< bytes not yet framed
   std::deque<Outgoing> outq_;                           ///< frames waiting to go out
   bool writing_ = false;                                ///< a write wait is pending
+  bool read_paused_ = false;                            ///< requests wait for outq_ to drain
   bool hello_ = false;                                  ///< handshake done
   bool closed_ = false;                                 ///< Close() ran
   std::string client_name_;                             ///< from hello

@@ -71,11 +71,16 @@ int main(int argc, char** argv) try {
   app.add_option("--socket", socket_path,
                  "broker socket (default: $WBROKER_SOCKET, else /run/wbroker/wbroker.sock)");
   app.add_flag("--json", as_json, "machine-readable output");
+  // Let `status --json` work as well as `--json status`: subcommands pass
+  // options they do not know (--json, --socket) up to the app.
+  app.fallthrough();
 
   auto* status = app.add_subcommand("status", "models, devices and clients of the broker");
   std::string spec;
   auto* load = app.add_subcommand("load", "load MODEL[@REV] and wait until it is ready");
   load->add_option("model", spec, "MODEL[@REV]")->required();
+  std::string dtype;
+  load->add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU)");
   bool force = false;
   auto* unload = app.add_subcommand("unload", "unload MODEL[@REV] (all loaded revisions if no REV)");
   unload->add_option("model", spec, "MODEL[@REV]")->required();
@@ -134,7 +139,9 @@ int main(int argc, char** argv) try {
   auto ms = wbroker::ParseModelSpec(spec);
   if (!ms.ok()) return Fail(ms.status());
   if (load->parsed()) {
-    auto r = (*client)->Call({{"op", "load"}, {"model", ms->model}, {"revision", ms->revision}});
+    json req = {{"op", "load"}, {"model", ms->model}, {"revision", ms->revision}};
+    if (!dtype.empty()) req["dtype"] = dtype;
+    auto r = (*client)->Call(req);
     if (!r.ok()) return Fail(fmt::format("load {} failed: {}", spec, r.status().message()));
     if (as_json) {
       r->erase("id");

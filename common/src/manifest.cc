@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <string_view>
 #include <unordered_set>
 
 namespace wbroker {
@@ -24,13 +25,8 @@ Result<uint64_t> TensorBytes(DType dtype, const std::vector<uint64_t>& shape) {
 
 nlohmann::json ManifestToJson(const std::vector<ManifestTensor>& tensors) {
   nlohmann::json arr = nlohmann::json::array();
-  for (const auto& t : tensors) {
-    arr.push_back({{"name", t.name},
-                   {"dtype", DTypeName(t.dtype)},
-                   {"shape", t.shape},
-                   {"offset", t.offset},
-                   {"nbytes", t.nbytes}});
-  }
+  for (const auto& t : tensors)
+    arr.push_back({t.name, DTypeName(t.dtype), t.shape, t.offset, t.nbytes});
   return arr;
 }
 
@@ -40,34 +36,33 @@ Result<std::vector<ManifestTensor>> ManifestFromJson(const nlohmann::json& tenso
   if (!tensors.is_array()) return bad("tensors is not an array");
   std::vector<ManifestTensor> out;
   out.reserve(tensors.size());
-  std::unordered_set<std::string> names;
+  std::unordered_set<std::string_view> names;
+  names.reserve(tensors.size());
   for (const auto& e : tensors) {
-    if (!e.is_object()) return bad("entry is not an object");
-    auto name_it = e.find("name");
-    if (name_it == e.end() || !name_it->is_string()) return bad("entry without a string name");
+    if (!e.is_array() || e.size() != 5)
+      return bad("entry is not an array of 5 fields [name, dtype, shape, offset, nbytes]");
+    const auto& name = e[0];
+    const auto& dtype = e[1];
+    const auto& shape = e[2];
+    const auto& offset = e[3];
+    const auto& nbytes = e[4];
+    if (!name.is_string()) return bad("entry without a string name");
     ManifestTensor t;
-    t.name = name_it->get<std::string>();
-    auto field = [&](const char* key) -> const nlohmann::json* {
-      auto it = e.find(key);
-      return it == e.end() ? nullptr : &*it;
-    };
-    const auto* dtype = field("dtype");
-    const auto* shape = field("shape");
-    const auto* offset = field("offset");
-    const auto* nbytes = field("nbytes");
-    if (!dtype || !dtype->is_string() || !shape || !shape->is_array() || !offset ||
-        !offset->is_number_unsigned() || !nbytes || !nbytes->is_number_unsigned())
-      return bad(fmt::format("tensor \"{}\": missing or mistyped dtype/shape/offset/nbytes", t.name));
-    auto dt = DTypeFromName(dtype->get<std::string>());
+    t.name = name.get<std::string>();
+    if (!dtype.is_string() || !shape.is_array() || !offset.is_number_unsigned() ||
+        !nbytes.is_number_unsigned())
+      return bad(fmt::format("tensor \"{}\": mistyped dtype/shape/offset/nbytes", t.name));
+    auto dt = DTypeFromName(dtype.get_ref<const std::string&>());
     if (!dt) return bad(fmt::format("tensor \"{}\": unknown dtype", t.name));
     t.dtype = *dt;
-    for (const auto& d : *shape) {
+    t.shape.reserve(shape.size());
+    for (const auto& d : shape) {
       if (!d.is_number_unsigned())
         return bad(fmt::format("tensor \"{}\": shape entries must be non-negative integers", t.name));
       t.shape.push_back(d.get<uint64_t>());
     }
-    t.offset = offset->get<uint64_t>();
-    t.nbytes = nbytes->get<uint64_t>();
+    t.offset = offset.get<uint64_t>();
+    t.nbytes = nbytes.get<uint64_t>();
     auto expect = TensorBytes(t.dtype, t.shape);
     if (!expect.ok() || *expect != t.nbytes)
       return bad(fmt::format("tensor \"{}\": nbytes {} does not match its shape and dtype", t.name,
@@ -79,7 +74,8 @@ Result<std::vector<ManifestTensor>> ManifestFromJson(const nlohmann::json& tenso
     if (t.offset % kArenaAlignment != 0)
       return bad(fmt::format("tensor \"{}\": offset {} is not {}-byte aligned", t.name, t.offset,
                              kArenaAlignment));
-    if (!names.insert(t.name).second) return bad(fmt::format("duplicate tensor \"{}\"", t.name));
+    if (!names.insert(name.get_ref<const std::string&>()).second)
+      return bad(fmt::format("duplicate tensor \"{}\"", t.name));
     out.push_back(std::move(t));
   }
   return out;

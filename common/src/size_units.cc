@@ -41,7 +41,8 @@ Result<uint64_t> ParseByteSize(std::string_view text) {
   if (mult == 0) return bad("unknown unit (use B, K/KiB, M/MiB, G/GiB, T/TiB, KB, MB, GB, TB)");
   double bytes = value * mult;
   if (!(bytes >= 0) || bytes >= 1.8e19) return bad("out of range");
-  return static_cast<uint64_t>(std::llround(bytes));
+  // Not llround(): it returns a signed 64-bit value, which overflows above 2^63.
+  return static_cast<uint64_t>(std::round(bytes));
 }
 
 std::string FormatBytes(uint64_t bytes) {

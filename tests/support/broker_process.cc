@@ -7,9 +7,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -19,11 +21,20 @@
 namespace wbroker::testing {
 
 std::string BuiltBinary(const std::string& name) {
-  for (const char* dir : {"/broker/", "/tools/", "/worker/"}) {
-    std::string p = std::string(WBROKER_BINARY_DIR) + dir + name;
-    if (::access(p.c_str(), X_OK) == 0) return p;
+  // $WBROKER_BINARY_DIR first: a relocated bundle of binaries (scripts/gpu-check
+  // runs tests on a machine where the build tree's paths do not exist).
+  const char* env = std::getenv("WBROKER_BINARY_DIR");
+  std::vector<std::string> roots;
+  if (env != nullptr && *env != '\0') roots.emplace_back(env);
+  roots.emplace_back(WBROKER_BINARY_DIR);
+  for (const auto& root : roots) {
+    for (const char* dir : {"/", "/broker/", "/tools/", "/worker/"}) {
+      std::string p = root + dir + name;
+      if (::access(p.c_str(), X_OK) == 0) return p;
+    }
   }
-  ADD_FAILURE() << "binary " << name << " not built under " << WBROKER_BINARY_DIR;
+  ADD_FAILURE() << "binary " << name << " not built under " << WBROKER_BINARY_DIR
+                << (env != nullptr ? " nor $WBROKER_BINARY_DIR=" + std::string(env) : "");
   return name;
 }
 
@@ -33,6 +44,13 @@ BrokerProcess::BrokerProcess(Options options) : options_(std::move(options)) {
   std::vector<std::string> args = {BuiltBinary("wbrokerd"), "--socket", options_.socket.string(),
                                    "--cache-dir", options_.cache_dir.string(), "--log-level",
                                    "debug"};
+  // Host memory unless a test asks for a device: on a GPU machine "auto"
+  // would pick the GPU, and these tests read tensors through host pointers.
+  if (std::find(options_.extra_args.begin(), options_.extra_args.end(), "--device") ==
+      options_.extra_args.end()) {
+    args.push_back("--device");
+    args.push_back("cpu");
+  }
   args.insert(args.end(), options_.extra_args.begin(), options_.extra_args.end());
   pid_ = ::fork();
   if (pid_ == 0) {
@@ -44,7 +62,13 @@ BrokerProcess::BrokerProcess(Options options) : options_(std::move(options)) {
     for (const auto& [k, v] : options_.env) ::setenv(k.c_str(), v.c_str(), 1);
     if (options_.listen_fd >= 0) {
       // sd_listen_fds() expects the socket at fd 3 and LISTEN_PID == our pid.
-      if (options_.listen_fd != 3) ::dup2(options_.listen_fd, 3);
+      // dup2() gives fd 3 without close-on-exec; a socket that already is fd 3
+      // keeps its own flags, so clear FD_CLOEXEC or exec() would close it.
+      if (options_.listen_fd != 3) {
+        ::dup2(options_.listen_fd, 3);
+      } else {
+        ::fcntl(3, F_SETFD, ::fcntl(3, F_GETFD) & ~FD_CLOEXEC);
+      }
       ::setenv("LISTEN_FDS", "1", 1);
       ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
     }
