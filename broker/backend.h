@@ -14,16 +14,22 @@
 
 #include <nlohmann/json.hpp>
 
+#include "wbroker/common/dtype.h"
 #include "wbroker/common/status.h"
 
 namespace wbroker::broker {
 
-/// Copy `length` bytes from `fd` at `file_offset` to the arena at `arena_offset`.
+/// Copy `length` bytes from `fd` at `file_offset` to the arena at
+/// `arena_offset`. When dst_dtype differs from src_dtype the elements are
+/// converted on the way (GPU backends only; the arena range then holds
+/// length / bytes(src) * bytes(dst) bytes).
 struct CopyJob {
-  int fd = -1;                ///< source file, open for reading (borrowed)
-  uint64_t file_offset = 0;   ///< byte offset in the file
-  uint64_t arena_offset = 0;  ///< byte offset in the arena
-  uint64_t length = 0;        ///< bytes to copy
+  int fd = -1;                 ///< source file, open for reading (borrowed)
+  uint64_t file_offset = 0;    ///< byte offset in the file
+  uint64_t arena_offset = 0;   ///< byte offset in the arena
+  uint64_t length = 0;         ///< bytes to read from the file
+  DType src_dtype = DType::kU8;  ///< element type in the file
+  DType dst_dtype = DType::kU8;  ///< element type in the arena
 };
 
 /// How an arena is filled.
@@ -65,20 +71,33 @@ class Backend {
   virtual ~Backend() = default;
   /// "host", "cuda-ipc", "cuda-vmm".
   virtual std::string name() const = 0;
-  /// Device name as clients see it: "cpu", or "cuda:<uuid>".
+  /// Device name in the broker's numbering: "cpu", or "cuda:N" (see device_uuid()).
   virtual std::string device() const = 0;
   /// Allocates an arena of `size` bytes; `label` names it in /proc and logs.
   virtual Result<std::unique_ptr<Arena>> Allocate(uint64_t size, const std::string& label) = 0;
   /// Current memory totals of the device.
   virtual MemoryInfo Memory() const = 0;
+  /// Stable identity of the device for the wire: "" for host memory, the GPU
+  /// UUID ("GPU-8c1f...") for CUDA, so workers with another
+  /// CUDA_VISIBLE_DEVICES find the same GPU.
+  virtual std::string device_uuid() const { return ""; }
+  /// True when Fill() can convert dtypes (CopyJob src != dst).
+  virtual bool can_cast() const { return false; }
 };
+
+/// Which CUDA sharing mechanism to use when a GPU is selected.
+enum class CudaSharing { kAuto, kVmm, kIpc };
 
 /// The backends compiled into this build, e.g. {"host"}.
 std::vector<std::string> BuiltBackends();
 
 /// Creates the backend for a --device value: "cpu" -> host; "auto" -> the best
-/// usable device (host when no GPU backend is built or usable); "cuda:N" ->
-/// a GPU backend, or kUnsupported explaining why none is available.
-Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device_spec);
+/// usable device (host when no GPU backend is built or usable, with the reason
+/// in `*note`); "cuda:N" -> a GPU backend, or kUnsupported explaining why none
+/// is available. `sharing` picks VMM fds or legacy IPC handles (kAuto: VMM
+/// where the driver supports it).
+Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device_spec,
+                                               CudaSharing sharing = CudaSharing::kAuto,
+                                               std::string* note = nullptr);
 
 }  // namespace wbroker::broker

@@ -19,9 +19,22 @@ Broker::~Broker() { Stop(); }
 Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                                                const BrokerConfig& config) {
   std::unique_ptr<Broker> b(new Broker(io, config));
-  WB_ASSIGN_OR_RETURN(b->backend_, CreateBackend(config.device));
+  CudaSharing sharing = config.cuda_sharing == "vmm"   ? CudaSharing::kVmm
+                        : config.cuda_sharing == "ipc" ? CudaSharing::kIpc
+                                                       : CudaSharing::kAuto;
+  std::string note;
+  WB_ASSIGN_OR_RETURN(b->backend_, CreateBackend(config.device, sharing, &note));
+  if (!note.empty()) spdlog::info("device {}: {}", config.device, note);
   spdlog::info("device {}: serving from {} via the {} backend", config.device,
                b->backend_->device(), b->backend_->name());
+  if (!config.dtype.empty()) {
+    WB_ASSIGN_OR_RETURN(DType cast, ParseCastDType(config.dtype));
+    if (!b->backend_->can_cast())
+      return Status(ErrorCode::kUnsupported,
+                    fmt::format("dtype = \"{}\" needs a GPU backend; {} serves weights as stored",
+                                config.dtype, b->backend_->name()));
+    b->default_cast_ = cast;
+  }
   b->budget_ = std::make_unique<MemoryBudget>(config.max_memory);
   RegistryOptions ropts;
   ropts.loader_threads = config.loader_threads;
@@ -34,6 +47,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   ctx.budget = b->budget_.get();
   ctx.registry = b->registry_.get();
   ctx.started = std::chrono::steady_clock::now();
+  ctx.default_cast = b->default_cast_;
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
 
@@ -99,7 +113,12 @@ void Broker::DoPreload() {
       if (--preloads_pending_ == 0) Announce();
       continue;
     }
-    registry_->Acquire(*resolved, true, /*pin=*/true,
+    std::optional<DType> cast = default_cast_;
+    if (!p.dtype.empty()) {
+      auto d = ParseCastDType(p.dtype);
+      if (d.ok()) cast = *d;
+    }
+    registry_->Acquire(*resolved, cast, true, /*pin=*/true,
                        [this, name = p.model](Result<std::shared_ptr<ModelEntry>> e) {
                          if (!e.ok()) spdlog::error("preload {}: {}", name, e.status().message());
                          if (--preloads_pending_ == 0) Announce();

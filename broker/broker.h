@@ -48,6 +48,7 @@ class Broker {
   boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT
   boost::asio::steady_timer watchdog_timer_;  ///< WATCHDOG=1 pings
   size_t preloads_pending_ = 0;               ///< READY when it reaches 0
+  std::optional<DType> default_cast_;         ///< config `dtype`
   bool stopped_ = false;                      ///< Stop() ran
 };
 

@@ -9,6 +9,7 @@
 #include <toml++/toml.h>
 
 #include "wbroker/common/hf_cache.h"
+#include "model_loader.h"
 #include "wbroker/common/size_units.h"
 
 namespace wbroker::broker {
@@ -57,7 +58,7 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       "socket",          "socket_mode",      "socket_group",   "cache_dir",
       "device",          "max_memory",       "log_level",      "load_on_attach",
       "loader_threads",  "max_connections",  "max_frame_bytes", "hello_timeout_ms",
-      "preload"};
+      "preload",         "cuda_sharing",     "dtype"};
   for (const auto& [k, v] : t) {
     if (!kKeys.count(std::string(k.str())))
       return KeyError(label, k.str(), "unknown setting");
@@ -72,7 +73,8 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   };
   auto get_uint = [&](const char* key, uint64_t max, auto& out) -> Status {
     if (const auto* node = t.get(key)) {
-      auto v = node->value<int64_t>();
+      // value_exact: value<int64_t>() would also take true (as 1) and 4.0.
+      auto v = node->value_exact<int64_t>();
       if (!v || *v < 0 || static_cast<uint64_t>(*v) > max)
         return KeyError(label, key, fmt::format("must be an integer from 0 to {}", max));
       out = static_cast<std::remove_reference_t<decltype(out)>>(*v);
@@ -82,6 +84,14 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   WB_RETURN_IF_ERROR(get_string("socket", cfg.socket_path));
   WB_RETURN_IF_ERROR(get_string("socket_group", cfg.socket_group));
   WB_RETURN_IF_ERROR(get_string("device", cfg.device));
+  WB_RETURN_IF_ERROR(get_string("cuda_sharing", cfg.cuda_sharing));
+  if (cfg.cuda_sharing != "auto" && cfg.cuda_sharing != "vmm" && cfg.cuda_sharing != "ipc")
+    return KeyError(label, "cuda_sharing", "must be \"auto\", \"vmm\" or \"ipc\"");
+  WB_RETURN_IF_ERROR(get_string("dtype", cfg.dtype));
+  if (!cfg.dtype.empty()) {
+    auto d = ParseCastDType(cfg.dtype);
+    if (!d.ok()) return d.status().WithContext(std::string(label) + ": dtype");
+  }
   WB_RETURN_IF_ERROR(get_string("log_level", cfg.log_level));
   std::string s;
   WB_RETURN_IF_ERROR(get_string("cache_dir", s));
@@ -100,14 +110,14 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       auto bytes = ParseByteSize(*str);
       if (!bytes.ok()) return bytes.status().WithContext(std::string(label) + ": max_memory");
       cfg.max_memory = *bytes;
-    } else if (auto n = node->value<int64_t>(); n && *n >= 0) {
+    } else if (auto n = node->value_exact<int64_t>(); n && *n >= 0) {
       cfg.max_memory = static_cast<uint64_t>(*n);
     } else {
       return KeyError(label, "max_memory", "must be a size like \"64GiB\" or a byte count");
     }
   }
   if (const auto* node = t.get("load_on_attach")) {
-    auto v = node->value<bool>();
+    auto v = node->value_exact<bool>();  // not value<bool>(): that takes 0 and 1 too
     if (!v) return KeyError(label, "load_on_attach", "must be true or false");
     cfg.load_on_attach = *v;
   }
@@ -116,6 +126,10 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   WB_RETURN_IF_ERROR(get_uint("max_frame_bytes", 1u << 30, cfg.max_frame_bytes));
   WB_RETURN_IF_ERROR(get_uint("hello_timeout_ms", 3600000, cfg.hello_timeout_ms));
   if (cfg.loader_threads == 0) return KeyError(label, "loader_threads", "must be at least 1");
+  if (cfg.max_connections == 0) return KeyError(label, "max_connections", "must be at least 1");
+  if (cfg.max_frame_bytes < 4096)
+    return KeyError(label, "max_frame_bytes", "must be at least 4096 (replies carry manifests)");
+  if (cfg.hello_timeout_ms == 0) return KeyError(label, "hello_timeout_ms", "must be at least 1");
   if (const auto* node = t.get("preload")) {
     const auto* arr = node->as_array();
     if (!arr) return KeyError(label, "preload", "must be an array of tables or strings");
@@ -132,7 +146,7 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       if (!tbl) return KeyError(label, where, "must be a table {model = ..., revision = ...}");
       PreloadEntry e;
       for (const auto& [k, v] : *tbl) {
-        if (k.str() != "model" && k.str() != "revision")
+        if (k.str() != "model" && k.str() != "revision" && k.str() != "dtype")
           return KeyError(label, fmt::format("{}.{}", where, k.str()), "unknown setting");
       }
       auto model = (*tbl)["model"].value<std::string>();
@@ -140,6 +154,13 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       e.model = *model;
       if (auto rev = (*tbl)["revision"].value<std::string>()) e.revision = *rev;
       else if (tbl->contains("revision")) return KeyError(label, where + ".revision", "must be a string");
+      if (auto dt = (*tbl)["dtype"].value<std::string>()) {
+        auto d = ParseCastDType(*dt);
+        if (!d.ok()) return d.status().WithContext(fmt::format("{}: {}.dtype", label, where));
+        e.dtype = *dt;
+      } else if (tbl->contains("dtype")) {
+        return KeyError(label, where + ".dtype", "must be a string");
+      }
       auto spec = ParseModelSpec(e.model);
       if (!spec.ok()) return spec.status().WithContext(fmt::format("{}: {}", label, where));
       cfg.preload.push_back(std::move(e));
@@ -151,7 +172,14 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
 Result<BrokerConfig> LoadConfigFile(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return ErrnoStatus("cannot read config " + path.string());
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string text;
+  try {
+    // A directory opens fine and then throws from the first read.
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } catch (const std::exception& e) {
+    return Status(ErrorCode::kIo,
+                  fmt::format("cannot read config {}: {}", path.string(), e.what()));
+  }
   if (in.bad()) return ErrnoStatus("cannot read config " + path.string());
   return ParseConfig(text, path.string());
 }

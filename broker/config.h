@@ -15,6 +15,7 @@ namespace wbroker::broker {
 struct PreloadEntry {
   std::string model;     ///< repo id or absolute path
   std::string revision;  ///< branch, tag, full or short commit; "" = main
+  std::string dtype;     ///< "" = as stored; bf16|fp16|fp32 converts on a GPU backend
 };
 
 /// Everything wbrokerd can be told. Command-line values override the file.
@@ -24,6 +25,8 @@ struct BrokerConfig {
   std::string socket_group;               ///< group of the socket file; "" = unchanged
   std::filesystem::path cache_dir;        ///< "" = HF env rules
   std::string device = "auto";            ///< auto | cpu | cuda:N
+  std::string cuda_sharing = "auto";      ///< auto | vmm | ipc (GPU backends)
+  std::string dtype;                      ///< default cast for loads; "" = as stored
   uint64_t max_memory = 0;                ///< arena byte budget, 0 = unlimited
   std::string log_level = "info";         ///< trace|debug|info|warn|error|critical|off
   bool load_on_attach = true;             ///< load unknown models when a client attaches

@@ -104,8 +104,11 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   const json id = IdOf(req);
   auto device = OptString(req, "device");
   if (!device.ok()) return s->SendError(id, device.status());
+  // A worker may number GPUs differently (CUDA_VISIBLE_DEVICES): accept the
+  // broker's name, the configured spec, or the GPU's UUID.
+  const std::string uuid = ctx_.backend->device_uuid();
   if (!device->empty() && *device != "auto" && *device != ctx_.backend->device() &&
-      *device != ctx_.config->device) {
+      *device != ctx_.config->device && (uuid.empty() || (*device != uuid && *device != "cuda:" + uuid))) {
     return s->SendError(
         id, Status(ErrorCode::kUnsupported,
                    fmt::format("this broker serves device {} ({}); device \"{}\" is not available",
@@ -119,7 +122,7 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   }
   std::weak_ptr<Session> weak = s;
   ctx_.registry->Acquire(
-      *resolved, ctx_.config->load_on_attach, /*pin=*/false,
+      *resolved, ctx_.default_cast, ctx_.config->load_on_attach, /*pin=*/false,
       [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;  // client went away while the model loaded
@@ -146,8 +149,15 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
         r["backend"] = ctx_.backend->name();
         r["arena"] = exported->descriptor;
         r["metadata"] = e->loaded.metadata;
-        r["tensors"] = e->manifest;
-        s->Send(std::move(r), std::move(fds));
+        r["fds"] = fds.size();
+        // The manifest is serialized once per load; splice it in as text so a
+        // 300-tensor attach does not re-serialize 300 objects.
+        std::string body = r.dump(-1, ' ', false, json::error_handler_t::replace);
+        body.pop_back();
+        body += ",\"tensors\":";
+        body += e->manifest_text;
+        body += '}';
+        s->SendRaw(std::move(body), std::move(fds));
       });
 }
 
@@ -176,8 +186,16 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   }
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) return s->SendError(id, resolved.status());
+  auto dtype = OptString(req, "dtype");
+  if (!dtype.ok()) return s->SendError(id, dtype.status());
+  std::optional<DType> cast = ctx_.default_cast;
+  if (!dtype->empty()) {
+    auto d = ParseCastDType(*dtype);
+    if (!d.ok()) return s->SendError(id, d.status());
+    cast = *d;
+  }
   std::weak_ptr<Session> weak = s;
-  ctx_.registry->Acquire(*resolved, /*allow_load=*/true, /*pin=*/false,
+  ctx_.registry->Acquire(*resolved, cast, /*allow_load=*/true, /*pin=*/false,
                          [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
                            auto s = weak.lock();
                            if (!s || s->closed()) return;
@@ -241,6 +259,7 @@ json Dispatcher::StatusJson() const {
       {"load_on_attach", ctx_.config->load_on_attach},
   };
   out["devices"] = json::array({{{"device", ctx_.backend->device()},
+                                 {"uuid", ctx_.backend->device_uuid()},
                                  {"backend", ctx_.backend->name()},
                                  {"requested", ctx_.config->device},
                                  {"total_bytes", mem.total_bytes},

@@ -23,6 +23,7 @@ struct DispatcherContext {
   MemoryBudget* budget = nullptr;              ///< arena accounting
   ModelRegistry* registry = nullptr;           ///< models and leases
   Server* server = nullptr;                    ///< for the client list
+  std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
 };
 

@@ -10,6 +10,7 @@
 
 #include "broker.h"
 #include "config.h"
+#include "model_loader.h"
 #include "wbroker/common/size_units.h"
 
 namespace {
@@ -38,6 +39,11 @@ int main(int argc, char** argv) try {
   app.add_option("--cache-dir", cache_dir,
                  "HF hub cache (default: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, $HF_HOME/hub, ...)");
   app.add_option("--device", device, "auto | cpu | cuda:N (default auto)");
+  std::string cuda_sharing, dtype;
+  app.add_option("--cuda-sharing", cuda_sharing,
+                 "GPU sharing: auto (VMM fds where supported) | vmm | ipc (legacy handles)")
+      ->check(CLI::IsMember({"auto", "vmm", "ipc"}));
+  app.add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU only)");
   app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
   app.add_option("--max-memory", max_memory, "arena memory budget, e.g. 48GiB (default unlimited)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");
@@ -63,6 +69,12 @@ int main(int argc, char** argv) try {
   }
   if (!cache_dir.empty()) cfg.cache_dir = cache_dir;
   if (!device.empty()) cfg.device = device;
+  if (!cuda_sharing.empty()) cfg.cuda_sharing = cuda_sharing;
+  if (!dtype.empty()) {
+    auto d = wbroker::broker::ParseCastDType(dtype);
+    if (!d.ok()) return Fail("--dtype: " + d.status().message());
+    cfg.dtype = dtype;
+  }
   if (!log_level.empty()) cfg.log_level = log_level;
   if (!max_memory.empty()) {
     auto bytes = wbroker::ParseByteSize(max_memory);

@@ -7,13 +7,30 @@
 #include <fmt/format.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 
 #include "wbroker/common/unique_fd.h"
 
 namespace wbroker::broker {
 
-ArenaPlan PlanArena(const ModelWeights& weights) {
+namespace {
+
+bool IsCastable(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+}  // namespace
+
+Result<DType> ParseCastDType(std::string_view name) {
+  std::string n(name);
+  for (auto& c : n) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (n == "bf16" || n == "bfloat16") return DType::kBF16;
+  if (n == "fp16" || n == "f16" || n == "float16" || n == "half") return DType::kF16;
+  if (n == "fp32" || n == "f32" || n == "float32" || n == "float") return DType::kF32;
+  return Status(ErrorCode::kInvalidArgument,
+                fmt::format("unknown dtype \"{}\" (expected bf16, fp16 or fp32)", name));
+}
+
+ArenaPlan PlanArena(const ModelWeights& weights, std::optional<DType> cast_to) {
   ArenaPlan plan;
   plan.tensors.reserve(weights.tensor_count);
   uint64_t cursor = 0;
@@ -21,10 +38,15 @@ ArenaPlan PlanArena(const ModelWeights& weights) {
     const auto& header = weights.files[f].header;
     for (const auto& t : header.tensors) {
       cursor = (cursor + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
-      plan.tensors.push_back({t.name, t.dtype, t.shape, cursor, t.nbytes()});
-      plan.jobs.push_back({static_cast<int>(f), header.data_start + t.begin, cursor, t.nbytes()});
-      cursor += t.nbytes();
-      plan.tensor_bytes += t.nbytes();
+      DType dst = (cast_to && IsCastable(t.dtype)) ? *cast_to : t.dtype;
+      // Same element count, other width: exact because castable dtypes are whole bytes.
+      uint64_t dst_bytes = t.nbytes() / (DTypeBits(t.dtype) / 8) * (DTypeBits(dst) / 8);
+      plan.tensors.push_back({t.name, dst, t.shape, cursor, dst_bytes});
+      plan.jobs.push_back({static_cast<int>(f), header.data_start + t.begin, cursor, t.nbytes(),
+                           t.dtype, dst});
+      cursor += dst_bytes;
+      plan.tensor_bytes += dst_bytes;
+      plan.file_bytes += t.nbytes();
     }
   }
   plan.size = cursor;
@@ -34,8 +56,13 @@ ArenaPlan PlanArena(const ModelWeights& weights) {
 Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
                               const LoaderOptions& options) {
   const auto start = std::chrono::steady_clock::now();
+  if (options.cast_to && !backend.can_cast())
+    return Status(ErrorCode::kUnsupported,
+                  fmt::format("--dtype {} needs a GPU backend; the {} backend serves weights as "
+                              "stored",
+                              DTypeName(*options.cast_to), backend.name()));
   WB_ASSIGN_OR_RETURN(ModelWeights weights, OpenModelWeights(model));
-  ArenaPlan plan = PlanArena(weights);
+  ArenaPlan plan = PlanArena(weights, options.cast_to);
 
   // Open every file before reserving memory: a permission problem should not
   // cost an allocation.
@@ -65,7 +92,7 @@ Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
   fill.threads = options.threads;
   if (options.on_progress) {
     auto done = std::make_shared<std::atomic<uint64_t>>(0);
-    uint64_t total = plan.tensor_bytes;
+    uint64_t total = plan.file_bytes;
     fill.on_progress = [done, total, cb = options.on_progress](uint64_t n) {
       cb(done->fetch_add(n) + n, total);
     };

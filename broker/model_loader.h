@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
+#include <string_view>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,11 +23,17 @@ struct ArenaPlan {
   std::vector<ManifestTensor> tensors;  ///< in file order, offsets kArenaAlignment-aligned
   std::vector<CopyJob> jobs;            ///< one per tensor; fd is the file index until opened
   uint64_t size = 0;                    ///< arena bytes, padding included
-  uint64_t tensor_bytes = 0;            ///< sum of tensor sizes
+  uint64_t tensor_bytes = 0;            ///< sum of tensor sizes in the arena
+  uint64_t file_bytes = 0;              ///< sum of tensor sizes in the files (read volume)
 };
 
-/// Lays the tensors of `weights` out back to back at aligned offsets.
-ArenaPlan PlanArena(const ModelWeights& weights);
+/// Lays the tensors of `weights` out back to back at aligned offsets. With
+/// `cast_to`, floating-point tensors (F32, F16, BF16) are planned as that dtype
+/// and their jobs convert; other dtypes are copied unchanged.
+ArenaPlan PlanArena(const ModelWeights& weights, std::optional<DType> cast_to = std::nullopt);
+
+/// Parses a --dtype value: "bf16", "fp16"/"f16", "fp32"/"f32" (case-insensitive).
+Result<DType> ParseCastDType(std::string_view name);
 
 /// A model in memory, ready to export.
 struct LoadedModel {
@@ -41,6 +49,7 @@ struct LoadedModel {
 struct LoaderOptions {
   unsigned threads = 4;                       ///< reader threads
   MemoryBudget* budget = nullptr;             ///< reserved before allocation when set
+  std::optional<DType> cast_to;               ///< convert float tensors (GPU backends)
   std::function<void(uint64_t done, uint64_t total)> on_progress;  ///< any thread
 };
 

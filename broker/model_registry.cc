@@ -26,8 +26,10 @@ const char* ModelStateName(ModelState state) {
 
 namespace {
 
-std::string KeyOf(const ResolvedModel& m) {
-  return m.model + "@" + (m.commit.empty() ? "local" : m.commit);
+std::string KeyOf(const ResolvedModel& m, std::optional<DType> cast_to) {
+  std::string key = m.model + "@" + (m.commit.empty() ? "local" : m.commit);
+  if (cast_to) key += ":" + std::string(DTypeName(*cast_to));
+  return key;
 }
 
 }  // namespace
@@ -45,9 +47,9 @@ ModelRegistry::~ModelRegistry() {
   pool_.join();
 }
 
-void ModelRegistry::Acquire(const ResolvedModel& model, bool allow_load, bool pin,
-                            AcquireCallback done) {
-  const std::string key = KeyOf(model);
+void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cast_to,
+                            bool allow_load, bool pin, AcquireCallback done) {
+  const std::string key = KeyOf(model, cast_to);
   auto it = entries_.find(key);
   if (it != entries_.end()) {
     auto entry = it->second;
@@ -83,6 +85,7 @@ void ModelRegistry::Acquire(const ResolvedModel& model, bool allow_load, bool pi
   auto entry = std::make_shared<ModelEntry>();
   entry->key = key;
   entry->resolved = model;
+  entry->cast_to = cast_to;
   entry->pinned = pin;
   entry->waiters.push_back([entry, done](Status s) {
     if (s.ok()) done(entry);
@@ -94,8 +97,9 @@ void ModelRegistry::Acquire(const ResolvedModel& model, bool allow_load, bool pi
 
 void ModelRegistry::StartLoad(const std::shared_ptr<ModelEntry>& entry) {
   spdlog::info("loading {} from {}", entry->key, entry->resolved.snapshot_dir.string());
-  boost::asio::post(pool_, [this, entry, resolved = entry->resolved] {
+  boost::asio::post(pool_, [this, entry, resolved = entry->resolved, cast_to = entry->cast_to] {
     LoaderOptions opts;
+    opts.cast_to = cast_to;
     opts.threads = options_.loader_threads;
     opts.budget = &budget_;
     // Progress is sampled on the io thread at most every ~1% to keep logs sane.
@@ -127,7 +131,8 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
     return;
   }
   entry->loaded = std::move(result).value();
-  entry->manifest = ManifestToJson(entry->loaded.tensors);
+  entry->manifest_text = ManifestToJson(entry->loaded.tensors)
+                            .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   entry->state = ModelState::kReady;
   entry->loaded_at = std::chrono::system_clock::now();
   entry->load_done_bytes = entry->load_total_bytes = entry->loaded.tensor_bytes;
@@ -217,6 +222,7 @@ nlohmann::json ModelRegistry::StatusJson() const {
         {"bytes", e->loaded.arena ? e->loaded.arena->size() : 0},
         {"tensor_bytes", e->loaded.tensor_bytes},
         {"tensors", e->loaded.tensors.size()},
+        {"dtype", e->cast_to ? std::string(DTypeName(*e->cast_to)) : "as stored"},
         {"leases", e->leases},
         {"attaches", e->attaches},
         {"state", ModelStateName(e->state)},

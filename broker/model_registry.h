@@ -28,12 +28,13 @@ const char* ModelStateName(ModelState state);
 
 /// One revision of one model on the broker's device.
 struct ModelEntry {
-  std::string key;                   ///< "model@commit"
+  std::string key;                   ///< "model@commit", plus ":dtype" when cast
+  std::optional<DType> cast_to;      ///< dtype conversion applied at load
   ResolvedModel resolved;            ///< where it came from
   ModelState state = ModelState::kLoading;
   Status error;                      ///< why it failed (kFailed)
   LoadedModel loaded;                ///< arena + manifest once ready
-  nlohmann::json manifest;           ///< tensors as sent to clients, built once
+  std::string manifest_text;         ///< tensors as JSON text, serialized once per load
   uint64_t leases = 0;               ///< live leases across all connections
   bool pinned = false;               ///< preloaded by config: never freed implicitly
   uint64_t attaches = 0;             ///< attaches served, for status
@@ -60,7 +61,8 @@ class ModelRegistry {
   /// Calls `done` with the ready entry for `model`, loading it first when it
   /// is not loaded and `allow_load` is set. A failed entry is retried. A
   /// draining entry is refused. `done` may run before Acquire returns.
-  void Acquire(const ResolvedModel& model, bool allow_load, bool pin, AcquireCallback done);
+  void Acquire(const ResolvedModel& model, std::optional<DType> cast_to, bool allow_load, bool pin,
+               AcquireCallback done);
 
   /// Counts a lease on a ready entry.
   void AddLease(const std::shared_ptr<ModelEntry>& entry);

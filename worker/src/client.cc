@@ -16,6 +16,9 @@
 #include "wbroker/common/manifest.h"
 #include "wbroker/common/mapping.h"
 #include "wbroker/common/unique_fd.h"
+#if WBROKER_HAVE_CUDA
+#include "cuda_import.h"
+#endif
 
 namespace wbroker::client {
 
@@ -82,6 +85,62 @@ Status ReplyStatus(const nlohmann::json& body) {
 
 }  // namespace
 
+/// The Lease internals that Attach() fills in (a friend of Lease).
+struct LeaseAccess {
+  /// Builds the TensorViews over an arena mapped at `base`.
+  static void FillTensors(Lease& lease, std::vector<ManifestTensor> tensors, const std::byte* base);
+  /// Imports a cuda-vmm / cuda-ipc arena and fills `lease` (device pointers).
+  static Result<std::unique_ptr<Lease>> AttachDevice(std::unique_ptr<Lease> lease,
+                                                     const nlohmann::json& arena,
+                                                     const Frame& frame);
+};
+
+void LeaseAccess::FillTensors(Lease& lease, std::vector<ManifestTensor> tensors,
+                              const std::byte* base) {
+  lease.tensors_.reserve(tensors.size());
+  for (auto& t : tensors) {
+    TensorView v;
+    v.name = std::move(t.name);
+    v.dtype = t.dtype;
+    v.shape.assign(t.shape.begin(), t.shape.end());
+    v.data = base + t.offset;
+    v.nbytes = t.nbytes;
+    v.offset = t.offset;
+    lease.by_name_.emplace(v.name, lease.tensors_.size());
+    lease.tensors_.push_back(std::move(v));
+  }
+}
+
+Result<std::unique_ptr<Lease>> LeaseAccess::AttachDevice(std::unique_ptr<Lease> lease,
+                                                         const nlohmann::json& arena,
+                                                         const Frame& frame) {
+  const std::string kind = arena.value("kind", "");
+#if WBROKER_HAVE_CUDA
+  WB_ASSIGN_OR_RETURN(auto tensors, ManifestFromJson(frame.body.value("tensors", nlohmann::json()),
+                                                     lease->arena_size_));
+  WB_ASSIGN_OR_RETURN(internal::DeviceArenaImport imported,
+                      internal::ImportDeviceArena(arena, frame.fds));
+  if (imported.size < lease->arena_size_)
+    return Status(ErrorCode::kProtocol, fmt::format("{} arena maps {} bytes, descriptor says {}",
+                                                    kind, imported.size, lease->arena_size_));
+  // Device addresses are never dereferenced here: they only become the
+  // TensorView pointers that the caller hands to CUDA.
+  FillTensors(*lease, std::move(tensors), reinterpret_cast<const std::byte*>(imported.base));
+  lease->base_ = reinterpret_cast<void*>(imported.base);
+  lease->device_ = fmt::format("cuda:{}", imported.local_ordinal);
+  lease->device_uuid_ = imported.device_uuid;
+  lease->device_import_ = std::move(imported.owner);
+  return lease;
+#else
+  (void)lease;
+  (void)frame;
+  return Status(ErrorCode::kUnsupported,
+                fmt::format("the model is in GPU memory ({} arena on {}) but this client was "
+                            "built without CUDA support (WBROKER_CUDA=OFF)",
+                            kind, arena.value("device_uuid", "?")));
+#endif
+}
+
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   std::unique_ptr<Client> c(new Client());
   c->socket_path_ = options.socket_path.empty() ? DefaultSocketPath() : options.socket_path;
@@ -145,6 +204,8 @@ Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const st
     return Status(ErrorCode::kProtocol, "attach reply without an arena descriptor");
   const std::string kind = arena->value("kind", "");
   lease->arena_size_ = (*arena)["size"].get<uint64_t>();
+  if (kind == "cuda-vmm" || kind == "cuda-ipc")
+    return LeaseAccess::AttachDevice(std::move(lease), *arena, frame);
   if (kind != "memfd")
     return Status(ErrorCode::kUnsupported,
                   fmt::format("arena kind \"{}\" is not supported by this client", kind));
@@ -164,18 +225,7 @@ Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const st
   // makes a stray store fault here instead of even trying.
   WB_ASSIGN_OR_RETURN(MappedRegion map,
                       MappedRegion::Map(fd, lease->arena_size_, PROT_READ, MAP_SHARED));
-  lease->tensors_.reserve(tensors.size());
-  for (auto& t : tensors) {
-    TensorView v;
-    v.name = std::move(t.name);
-    v.dtype = t.dtype;
-    v.shape.assign(t.shape.begin(), t.shape.end());
-    v.data = map.bytes() + t.offset;
-    v.nbytes = t.nbytes;
-    v.offset = t.offset;
-    lease->by_name_.emplace(v.name, lease->tensors_.size());
-    lease->tensors_.push_back(std::move(v));
-  }
+  LeaseAccess::FillTensors(*lease, std::move(tensors), map.bytes());
   lease->base_ = map.data();
   lease->mapping_ = std::move(map);
   return lease;
@@ -195,6 +245,9 @@ Status Lease::Release() {
 }
 
 Lease::~Lease() {
+  // Unmap a GPU import before telling the broker: a legacy IPC allocation may
+  // be freed by the broker as soon as its last lease is released.
+  device_import_.reset();
   // A broken connection already ended the lease on the broker side.
   (void)Release();
 }

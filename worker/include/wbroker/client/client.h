@@ -24,13 +24,15 @@
 namespace wbroker::client {
 
 class Connection;
+struct LeaseAccess;
 
 /// One tensor inside a lease's mapping.
 struct TensorView {
   std::string name;            ///< checkpoint key
   DType dtype = DType::kU8;    ///< element type
   std::vector<int64_t> shape;  ///< dimensions
-  const void* data = nullptr;  ///< start of the bytes (host pointer for host arenas)
+  const void* data = nullptr;  ///< start of the bytes: a host pointer, or a device pointer
+                               ///< (CUdeviceptr) when the Lease is on_device()
   uint64_t nbytes = 0;         ///< length in bytes
   uint64_t offset = 0;         ///< offset inside the arena
 };
@@ -48,8 +50,16 @@ class Lease {
   const std::string& revision() const { return revision_; }
   /// Where the snapshot lives (config.json, tokenizer.json sit there).
   const std::string& snapshot_dir() const { return snapshot_; }
-  /// "cpu" for host arenas.
+  /// "cpu" for host arenas; for GPU arenas "cuda:N" in *this process's*
+  /// numbering (it may differ from the broker's under CUDA_VISIBLE_DEVICES).
   const std::string& device() const { return device_; }
+  /// True when the tensors live in GPU memory: TensorView::data and
+  /// arena_base() are then device pointers (read-only for cuda-vmm arenas),
+  /// usable with the CUDA driver/runtime in this process, not dereferenceable
+  /// on the host.
+  bool on_device() const { return device_import_ != nullptr; }
+  /// The GPU's UUID ("GPU-8c1f...") for GPU arenas, "" for host arenas.
+  const std::string& device_uuid() const { return device_uuid_; }
   /// "host", "cuda-ipc", "cuda-vmm".
   const std::string& backend() const { return backend_; }
   uint64_t id() const { return id_; }
@@ -67,6 +77,7 @@ class Lease {
 
  private:
   friend class Client;
+  friend struct LeaseAccess;
   Lease() = default;
 
   std::shared_ptr<Connection> conn_;   ///< for the release message
@@ -79,6 +90,10 @@ class Lease {
   std::map<std::string, size_t> by_name_;  ///< name -> index in tensors_
   std::map<std::string, std::string> metadata_;
   MappedRegion mapping_;               ///< the read-only arena mapping, unmapped with the Lease
+  std::string device_uuid_;            ///< GPU arenas: the device's UUID
+  /// GPU arenas: owner of the imported mapping (type-erased so that no CUDA
+  /// type appears here); unmapped before the lease is released.
+  std::shared_ptr<void> device_import_;
 };
 
 /// Connection options.
