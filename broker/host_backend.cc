@@ -20,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "wbroker/common/file_io.h"
 #include "wbroker/common/mapping.h"
 #include "wbroker/common/size_units.h"
 #include "wbroker/common/unique_fd.h"
@@ -37,25 +38,6 @@ struct Chunk {
   uint64_t arena_offset;
   uint64_t length;
 };
-
-Status PreadFully(int fd, std::byte* dst, uint64_t length, uint64_t offset) {
-  while (length > 0) {
-    ssize_t n = ::pread(fd, dst, length, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus(fmt::format("pread of {} bytes at offset {}", length, offset));
-    }
-    if (n == 0)
-      return Status(ErrorCode::kCorruptData,
-                    fmt::format("file ended early: {} bytes missing at offset {} (changed while "
-                                "loading?)",
-                                length, offset));
-    dst += n;
-    offset += static_cast<uint64_t>(n);
-    length -= static_cast<uint64_t>(n);
-  }
-  return Status::Ok();
-}
 
 // Copies with sendfile() through `out`, a private file description of the
 // memfd whose offset this thread alone moves.
