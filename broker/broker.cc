@@ -22,34 +22,54 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   CudaSharing sharing = config.cuda_sharing == "vmm"   ? CudaSharing::kVmm
                         : config.cuda_sharing == "ipc" ? CudaSharing::kIpc
                                                        : CudaSharing::kAuto;
-  std::string note;
-  WB_ASSIGN_OR_RETURN(b->backend_, CreateBackend(config.device, sharing, &note));
-  if (!note.empty()) spdlog::info("device {}: {}", config.device, note);
-  spdlog::info("device {}: serving from {} via the {} backend", config.device,
-               b->backend_->device(), b->backend_->name());
+  WB_ASSIGN_OR_RETURN(std::vector<std::string> specs, ParseDeviceList(config.device));
+  std::optional<DType> cast;
   if (!config.dtype.empty()) {
-    WB_ASSIGN_OR_RETURN(DType cast, ParseCastDType(config.dtype));
-    if (!b->backend_->can_cast())
-      return Status(ErrorCode::kUnsupported,
-                    fmt::format("dtype = \"{}\" needs a GPU backend; {} serves weights as stored",
-                                config.dtype, b->backend_->name()));
-    b->default_cast_ = cast;
+    WB_ASSIGN_OR_RETURN(DType d, ParseCastDType(config.dtype));
+    cast = d;
   }
-  b->budget_ = std::make_unique<MemoryBudget>(config.max_memory);
   RegistryOptions ropts;
   ropts.loader_threads = config.loader_threads;
-  b->registry_ = std::make_unique<ModelRegistry>(io, *b->backend_, *b->budget_, ropts);
+  for (const auto& spec : specs) {
+    DeviceSlot slot;
+    slot.spec = spec;
+    std::string note;
+    WB_ASSIGN_OR_RETURN(slot.backend, CreateBackend(spec, sharing, &note));
+    if (!note.empty()) spdlog::info("device {}: {}", spec, note);
+    for (const auto& other : b->devices_) {
+      if (other.backend->device() == slot.backend->device())
+        return Status(ErrorCode::kInvalidArgument,
+                      fmt::format("device list \"{}\": \"{}\" and \"{}\" both name device {}; "
+                                  "list each device once",
+                                  config.device, other.spec, spec, slot.backend->device()));
+    }
+    spdlog::info("device {}: serving from {} via the {} backend", spec, slot.backend->device(),
+                 slot.backend->name());
+    if (cast && !slot.backend->can_cast())
+      return Status(ErrorCode::kUnsupported,
+                    fmt::format("dtype = \"{}\" needs a GPU backend; {} serves weights as stored",
+                                config.dtype, slot.backend->name()));
+    slot.budget = std::make_unique<MemoryBudget>(config.max_memory);
+    slot.registry = std::make_unique<ModelRegistry>(io, *slot.backend, *slot.budget, ropts);
+    b->devices_.push_back(std::move(slot));
+  }
+  b->default_cast_ = cast;
 
   DispatcherContext ctx;
   ctx.config = &b->config_;
   ctx.cache_dir = config.cache_dir.empty() ? HubCacheDir() : config.cache_dir;
-  ctx.backend = b->backend_.get();
-  ctx.budget = b->budget_.get();
-  ctx.registry = b->registry_.get();
+  for (const auto& slot : b->devices_)
+    ctx.devices.push_back(
+        DeviceArena{slot.spec, slot.backend.get(), slot.budget.get(), slot.registry.get()});
   ctx.started = std::chrono::steady_clock::now();
   ctx.default_cast = b->default_cast_;
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
+  for (const auto& p : config.preload) {
+    auto dev = b->dispatcher_->FindDevice(p.device);
+    if (!dev.ok())
+      return dev.status().WithContext(fmt::format("preload {} device", p.model));
+  }
 
   ServerOptions sopts;
   std::string listen_error;
@@ -68,7 +88,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   sopts.limits.max_frame_bytes = config.max_frame_bytes;
   sopts.limits.hello_timeout = std::chrono::milliseconds(config.hello_timeout_ms);
   WB_ASSIGN_OR_RETURN(b->server_,
-                      Server::Create(io, sopts, *b->dispatcher_, *b->registry_));
+                      Server::Create(io, sopts, *b->dispatcher_, *b->devices_.front().registry));
   b->dispatcher_->set_server(b->server_.get());
   return b;
 }
@@ -118,11 +138,14 @@ void Broker::DoPreload() {
       auto d = ParseCastDType(p.dtype);
       if (d.ok()) cast = *d;
     }
-    registry_->Acquire(*resolved, cast, true, /*pin=*/true,
-                       [this, name = p.model](Result<std::shared_ptr<ModelEntry>> e) {
-                         if (!e.ok()) spdlog::error("preload {}: {}", name, e.status().message());
-                         if (--preloads_pending_ == 0) Announce();
-                       });
+    // The device was checked in Create.
+    auto dev = dispatcher_->FindDevice(p.device);
+    ModelRegistry* registry = dev.ok() ? (*dev)->registry : devices_.front().registry.get();
+    registry->Acquire(*resolved, cast, true, /*pin=*/true,
+                      [this, name = p.model](Result<std::shared_ptr<ModelEntry>> e) {
+                        if (!e.ok()) spdlog::error("preload {}: {}", name, e.status().message());
+                        if (--preloads_pending_ == 0) Announce();
+                      });
   }
 }
 
@@ -131,9 +154,14 @@ void Broker::Announce() {
   auto status = dispatcher_->StatusJson();
   size_t ready = 0;
   for (const auto& m : status["models"]) ready += m["state"] == "ready";
-  std::string line = fmt::format("serving {} model(s), {} on {} ({}) at {}", ready,
-                                 FormatBytes(registry_->ArenaBytes()), backend_->device(),
-                                 backend_->name(), server_->socket_path());
+  std::string where;
+  for (const auto& d : devices_) {
+    if (!where.empty()) where += ", ";
+    where += fmt::format("{} on {} ({})", FormatBytes(d.registry->ArenaBytes()),
+                         d.backend->device(), d.backend->name());
+  }
+  std::string line =
+      fmt::format("serving {} model(s), {} at {}", ready, where, server_->socket_path());
   spdlog::info("ready: {}", line);
   notifier_.Ready(line);
 }
@@ -147,7 +175,8 @@ void Broker::Stop() {
   watchdog_timer_.cancel();
   if (server_) server_->Stop();
   // Clients keep their mappings: a memfd lives as long as anyone maps it.
-  if (registry_) registry_->Clear();
+  for (auto& d : devices_)
+    if (d.registry) d.registry->Clear();
 }
 
 }  // namespace wbroker::broker

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -39,9 +41,15 @@ class Broker {
 
   boost::asio::io_context& io_;               ///< the event loop
   BrokerConfig config_;                       ///< effective settings
-  std::unique_ptr<Backend> backend_;          ///< device memory
-  std::unique_ptr<MemoryBudget> budget_;      ///< --max-memory
-  std::unique_ptr<ModelRegistry> registry_;   ///< models and leases
+  /// One served device and what it owns.
+  struct DeviceSlot {
+    std::string spec;                          ///< as configured
+    std::unique_ptr<Backend> backend;          ///< device memory
+    std::unique_ptr<MemoryBudget> budget;      ///< --max-memory (per device)
+    std::unique_ptr<ModelRegistry> registry;   ///< models and leases
+  };
+
+  std::vector<DeviceSlot> devices_;           ///< the first is the default
   std::unique_ptr<Dispatcher> dispatcher_;    ///< protocol verbs
   std::unique_ptr<Server> server_;            ///< the socket
   SystemdNotifier notifier_;                  ///< sd_notify

@@ -37,6 +37,25 @@ Result<unsigned> ParseSocketMode(std::string_view text) {
   return mode;
 }
 
+Result<std::vector<std::string>> ParseDeviceList(std::string_view text) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (true) {
+    size_t comma = text.find(',', pos);
+    std::string_view item =
+        text.substr(pos, comma == std::string_view::npos ? std::string_view::npos : comma - pos);
+    while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+    while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+    if (item.empty())
+      return Status(ErrorCode::kInvalidArgument,
+                    fmt::format("invalid device list \"{}\": empty entry", text));
+    out.emplace_back(item);
+    if (comma == std::string_view::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
 Result<PreloadEntry> ParsePreload(std::string_view spec) {
   WB_ASSIGN_OR_RETURN(ModelSpec ms, ParseModelSpec(spec));
   return PreloadEntry{ms.model, ms.revision};
@@ -83,7 +102,26 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   };
   WB_RETURN_IF_ERROR(get_string("socket", cfg.socket_path));
   WB_RETURN_IF_ERROR(get_string("socket_group", cfg.socket_group));
-  WB_RETURN_IF_ERROR(get_string("device", cfg.device));
+  if (const auto* node = t.get("device")) {
+    // A string ("cuda:0" or "cuda:0,cuda:1") or an array of strings.
+    if (auto str = node->value<std::string>()) {
+      cfg.device = *str;
+    } else if (const auto* arr = node->as_array()) {
+      std::string joined;
+      for (const auto& item : *arr) {
+        auto v = item.value<std::string>();
+        if (!v) return KeyError(label, "device", "must be a string or an array of strings");
+        if (&item != &(*arr)[0]) joined += ',';
+        joined += *v;
+      }
+      if (arr->empty()) return KeyError(label, "device", "must name at least one device");
+      cfg.device = joined;
+    } else {
+      return KeyError(label, "device", "must be a string or an array of strings");
+    }
+    auto list = ParseDeviceList(cfg.device);
+    if (!list.ok()) return list.status().WithContext(std::string(label) + ": device");
+  }
   WB_RETURN_IF_ERROR(get_string("cuda_sharing", cfg.cuda_sharing));
   if (cfg.cuda_sharing != "auto" && cfg.cuda_sharing != "vmm" && cfg.cuda_sharing != "ipc")
     return KeyError(label, "cuda_sharing", "must be \"auto\", \"vmm\" or \"ipc\"");
@@ -146,7 +184,8 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       if (!tbl) return KeyError(label, where, "must be a table {model = ..., revision = ...}");
       PreloadEntry e;
       for (const auto& [k, v] : *tbl) {
-        if (k.str() != "model" && k.str() != "revision" && k.str() != "dtype")
+        if (k.str() != "model" && k.str() != "revision" && k.str() != "dtype" &&
+            k.str() != "device")
           return KeyError(label, fmt::format("{}.{}", where, k.str()), "unknown setting");
       }
       auto model = (*tbl)["model"].value<std::string>();
@@ -160,6 +199,12 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
         e.dtype = *dt;
       } else if (tbl->contains("dtype")) {
         return KeyError(label, where + ".dtype", "must be a string");
+      }
+      if (auto dev = (*tbl)["device"].value<std::string>()) {
+        if (dev->empty()) return KeyError(label, where + ".device", "must not be empty");
+        e.device = *dev;
+      } else if (tbl->contains("device")) {
+        return KeyError(label, where + ".device", "must be a string");
       }
       auto spec = ParseModelSpec(e.model);
       if (!spec.ok()) return spec.status().WithContext(fmt::format("{}: {}", label, where));

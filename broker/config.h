@@ -16,6 +16,7 @@ struct PreloadEntry {
   std::string model;     ///< repo id or absolute path
   std::string revision;  ///< branch, tag, full or short commit; "" = main
   std::string dtype;     ///< "" = as stored; bf16|fp16|fp32 converts on a GPU backend
+  std::string device;    ///< device to load on (as attach names it); "" = the first device
 };
 
 /// Everything wbrokerd can be told. Command-line values override the file.
@@ -24,7 +25,7 @@ struct BrokerConfig {
   unsigned socket_mode = 0660;            ///< permissions of the socket file
   std::string socket_group;               ///< group of the socket file; "" = unchanged
   std::filesystem::path cache_dir;        ///< "" = HF env rules
-  std::string device = "auto";            ///< auto | cpu | cuda:N
+  std::string device = "auto";            ///< auto | cpu | cuda:N; comma-joined for several
   std::string cuda_sharing = "auto";      ///< auto | vmm | ipc (GPU backends)
   std::string dtype;                      ///< default cast for loads; "" = as stored
   uint64_t max_memory = 0;                ///< arena byte budget, 0 = unlimited
@@ -45,6 +46,10 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
 
 /// Parses "MODEL[@REV]" for --preload.
 Result<PreloadEntry> ParsePreload(std::string_view spec);
+
+/// Splits a device list ("cuda:0,cuda:1"; surrounding spaces ignored) into its
+/// specs. Empty lists and empty entries are refused.
+Result<std::vector<std::string>> ParseDeviceList(std::string_view text);
 
 /// Parses an octal mode like "0660" or "660".
 Result<unsigned> ParseSocketMode(std::string_view text);

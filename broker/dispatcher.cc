@@ -87,8 +87,14 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
                  {"build", WBROKER_GIT_DESCRIBE},
                  {"pid", ::getpid()},
                  {"uid", ::geteuid()},
-                 {"device", ctx_.backend->device()},
-                 {"backend", ctx_.backend->name()}};
+                 {"device", ctx_.devices.front().backend->device()},
+                 {"backend", ctx_.devices.front().backend->name()}};
+  if (ctx_.devices.size() > 1) {
+    json devices = json::array();
+    for (const auto& d : ctx_.devices)
+      devices.push_back({{"device", d.backend->device()}, {"backend", d.backend->name()}});
+    r["broker"]["devices"] = std::move(devices);
+  }
   r["connection"] = s->id();
   s->Send(std::move(r));
 }
@@ -106,14 +112,9 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   if (!device.ok()) return s->SendError(id, device.status());
   // A worker may number GPUs differently (CUDA_VISIBLE_DEVICES): accept the
   // broker's name, the configured spec, or the GPU's UUID.
-  const std::string uuid = ctx_.backend->device_uuid();
-  if (!device->empty() && *device != "auto" && *device != ctx_.backend->device() &&
-      *device != ctx_.config->device && (uuid.empty() || (*device != uuid && *device != "cuda:" + uuid))) {
-    return s->SendError(
-        id, Status(ErrorCode::kUnsupported,
-                   fmt::format("this broker serves device {} ({}); device \"{}\" is not available",
-                               ctx_.backend->device(), ctx_.backend->name(), *device)));
-  }
+  auto arena = FindDevice(*device);
+  if (!arena.ok()) return s->SendError(id, arena.status());
+  const DeviceArena* dev = *arena;
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) {
     spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
@@ -121,9 +122,9 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
     return s->SendError(id, resolved.status());
   }
   std::weak_ptr<Session> weak = s;
-  ctx_.registry->Acquire(
+  dev->registry->Acquire(
       *resolved, ctx_.default_cast, ctx_.config->load_on_attach, /*pin=*/false,
-      [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+      [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;  // client went away while the model loaded
         if (!entry.ok()) return s->SendError(id, entry.status());
@@ -138,15 +139,15 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
           if (!dup) return s->SendError(id, ErrnoStatus("dup arena fd"));
           fds.push_back(std::move(dup));
         }
-        uint64_t lease = s->AddLease(e);
+        uint64_t lease = s->AddLease(*dev->registry, e);
         json r = Reply(req);
         r["lease"] = lease;
         r["model"] = e->resolved.model;
         r["revision"] = e->resolved.commit;
         r["requested_revision"] = e->resolved.requested_revision;
         r["snapshot"] = e->resolved.snapshot_dir.string();
-        r["device"] = ctx_.backend->device();
-        r["backend"] = ctx_.backend->name();
+        r["device"] = dev->backend->device();
+        r["backend"] = dev->backend->name();
         r["arena"] = exported->descriptor;
         r["metadata"] = e->loaded.metadata;
         r["fds"] = fds.size();
@@ -194,15 +195,21 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
     if (!d.ok()) return s->SendError(id, d.status());
     cast = *d;
   }
+  auto device = OptString(req, "device");
+  if (!device.ok()) return s->SendError(id, device.status());
+  auto arena = FindDevice(*device);
+  if (!arena.ok()) return s->SendError(id, arena.status());
+  const DeviceArena* dev = *arena;
   std::weak_ptr<Session> weak = s;
-  ctx_.registry->Acquire(*resolved, cast, /*allow_load=*/true, /*pin=*/false,
-                         [this, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+  dev->registry->Acquire(*resolved, cast, /*allow_load=*/true, /*pin=*/false,
+                         [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
                            auto s = weak.lock();
                            if (!s || s->closed()) return;
                            if (!entry.ok()) return s->SendError(id, entry.status());
                            json r = Reply(req);
                            r["model"] = (*entry)->resolved.model;
                            r["revision"] = (*entry)->resolved.commit;
+                           r["device"] = dev->backend->device();
                            r["bytes"] = (*entry)->loaded.arena->size();
                            r["tensors"] = (*entry)->loaded.tensors.size();
                            r["load_seconds"] = (*entry)->loaded.seconds;
@@ -225,27 +232,82 @@ void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
   if (!revision.ok()) return s->SendError(id, revision.status());
   if (model->empty())
     return s->SendError(id, Status(ErrorCode::kInvalidArgument, "\"model\" is required"));
+  auto device = OptString(req, "device");
+  if (!device.ok()) return s->SendError(id, device.status());
   bool force = req.value("force", false);
+  // Without "device", every device; with it, only that one.
+  std::vector<const DeviceArena*> targets;
+  if (device->empty()) {
+    for (const auto& d : ctx_.devices) targets.push_back(&d);
+  } else {
+    auto arena = FindDevice(*device);
+    if (!arena.ok()) return s->SendError(id, arena.status());
+    targets.push_back(*arena);
+  }
   // A revision that is not a prefix of a loaded commit may be a branch or tag:
   // resolve it in the cache to its commit.
   std::string prefix = *revision;
   bool matches_loaded = false;
-  for (const auto& e : ctx_.registry->Find(*model)) {
-    if (e->resolved.commit.rfind(prefix, 0) == 0) matches_loaded = true;
+  for (const auto* d : targets) {
+    for (const auto& e : d->registry->Find(*model)) {
+      if (e->resolved.commit.rfind(prefix, 0) == 0) matches_loaded = true;
+    }
   }
   if (!prefix.empty() && !matches_loaded) {
     auto resolved = ResolveModel(ctx_.cache_dir, *model, prefix);
     if (resolved.ok()) prefix = resolved->commit;
   }
-  auto result = ctx_.registry->Unload(*model, prefix, force);
-  if (!result.ok()) return s->SendError(id, result.status());
+  // Check every device first, so that a refusal on one leaves all untouched.
+  std::vector<const DeviceArena*> matched;
+  Status not_found;
+  for (const auto* d : targets) {
+    Status st = d->registry->CheckUnload(*model, prefix, force);
+    if (st.ok()) {
+      matched.push_back(d);
+    } else if (st.code() == ErrorCode::kNotFound) {
+      if (not_found.ok()) not_found = st;
+    } else {
+      return s->SendError(id, st);
+    }
+  }
+  if (matched.empty()) return s->SendError(id, not_found);
   json r = Reply(req);
-  r.update(*result);
+  r["unloaded"] = json::array();
+  r["draining"] = json::array();
+  for (const auto* d : matched) {
+    auto result = d->registry->Unload(*model, prefix, force);
+    if (!result.ok()) return s->SendError(id, result.status());
+    for (auto& k : (*result)["unloaded"]) r["unloaded"].push_back(std::move(k));
+    for (auto& k : (*result)["draining"]) r["draining"].push_back(std::move(k));
+  }
   s->Send(std::move(r));
 }
 
+Result<const DeviceArena*> Dispatcher::FindDevice(const std::string& name) const {
+  if (name.empty() || name == "auto") return &ctx_.devices.front();
+  for (const auto& d : ctx_.devices) {
+    const std::string uuid = d.backend->device_uuid();
+    if (name == d.backend->device() || name == d.spec ||
+        (!uuid.empty() && (name == uuid || name == "cuda:" + uuid)))
+      return &d;
+  }
+  if (ctx_.devices.size() == 1) {
+    const auto* b = ctx_.devices.front().backend;
+    return Status(ErrorCode::kUnsupported,
+                  fmt::format("this broker serves device {} ({}); device \"{}\" is not available",
+                              b->device(), b->name(), name));
+  }
+  std::string served;
+  for (const auto& d : ctx_.devices) {
+    if (!served.empty()) served += ", ";
+    served += fmt::format("{} ({})", d.backend->device(), d.backend->name());
+  }
+  return Status(ErrorCode::kUnsupported,
+                fmt::format("this broker serves devices {}; device \"{}\" is not available",
+                            served, name));
+}
+
 json Dispatcher::StatusJson() const {
-  auto mem = ctx_.backend->Memory();
   json out;
   out["broker"] = {
       {"version", WBROKER_VERSION},
@@ -258,15 +320,20 @@ json Dispatcher::StatusJson() const {
       {"cache_dir", ctx_.cache_dir.string()},
       {"load_on_attach", ctx_.config->load_on_attach},
   };
-  out["devices"] = json::array({{{"device", ctx_.backend->device()},
-                                 {"uuid", ctx_.backend->device_uuid()},
-                                 {"backend", ctx_.backend->name()},
-                                 {"requested", ctx_.config->device},
-                                 {"total_bytes", mem.total_bytes},
-                                 {"free_bytes", mem.free_bytes},
-                                 {"model_bytes", ctx_.registry->ArenaBytes()},
-                                 {"max_memory", ctx_.budget->limit()}}});
-  out["models"] = ctx_.registry->StatusJson();
+  out["devices"] = json::array();
+  out["models"] = json::array();
+  for (const auto& d : ctx_.devices) {
+    auto mem = d.backend->Memory();
+    out["devices"].push_back({{"device", d.backend->device()},
+                              {"uuid", d.backend->device_uuid()},
+                              {"backend", d.backend->name()},
+                              {"requested", d.spec},
+                              {"total_bytes", mem.total_bytes},
+                              {"free_bytes", mem.free_bytes},
+                              {"model_bytes", d.registry->ArenaBytes()},
+                              {"max_memory", d.budget->limit()}});
+    for (auto& m : d.registry->StatusJson()) out["models"].push_back(std::move(m));
+  }
   out["clients"] = ctx_.server ? ctx_.server->ClientsJson() : json::array();
   return out;
 }

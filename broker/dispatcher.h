@@ -4,6 +4,7 @@
 #include <chrono>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "backend.h"
 #include "config.h"
@@ -15,13 +16,19 @@ namespace wbroker::broker {
 
 class Server;
 
+/// One served device: its backend, budget and models (owned by the Broker).
+struct DeviceArena {
+  std::string spec;                   ///< as configured: "auto", "cpu", "cuda:1", ...
+  Backend* backend = nullptr;         ///< the device's memory
+  MemoryBudget* budget = nullptr;     ///< arena accounting (--max-memory, per device)
+  ModelRegistry* registry = nullptr;  ///< models and leases on this device
+};
+
 /// What the dispatcher needs from the broker around it.
 struct DispatcherContext {
   const BrokerConfig* config = nullptr;        ///< settings (cache dir, load_on_attach, ...)
   std::filesystem::path cache_dir;             ///< effective HF hub cache
-  Backend* backend = nullptr;                  ///< the device served
-  MemoryBudget* budget = nullptr;              ///< arena accounting
-  ModelRegistry* registry = nullptr;           ///< models and leases
+  std::vector<DeviceArena> devices;            ///< served devices; the first is the default
   Server* server = nullptr;                    ///< for the client list
   std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
@@ -38,6 +45,11 @@ class Dispatcher final : public RequestHandler {
 
   /// The status document (also used for the STATUS= line).
   nlohmann::json StatusJson() const;
+
+  /// The device a request names: "" or "auto" is the first; otherwise the
+  /// backend's device() ("cuda:1"), its UUID (bare or "cuda:<uuid>") or the
+  /// configured spec. kUnsupported, listing the served devices, when none matches.
+  Result<const DeviceArena*> FindDevice(const std::string& name) const;
 
  private:
   void DoHello(const std::shared_ptr<Session>& s, const nlohmann::json& req);

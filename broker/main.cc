@@ -27,8 +27,9 @@ int Fail(const std::string& message) {
 int main(int argc, char** argv) try {
   CLI::App app{"wbrokerd: load each Hugging Face model once and share it zero-copy with every "
                "worker process over a Unix socket"};
-  std::string config_path, socket_path, cache_dir, device, max_memory, log_level, socket_mode,
+  std::string config_path, socket_path, cache_dir, max_memory, log_level, socket_mode,
       socket_group;
+  std::vector<std::string> devices;
   std::vector<std::string> preload;
   bool version = false;
   app.add_option("--config", config_path, "TOML config file");
@@ -38,14 +39,16 @@ int main(int argc, char** argv) try {
   app.add_option("--socket-group", socket_group, "group owning the socket file");
   app.add_option("--cache-dir", cache_dir,
                  "HF hub cache (default: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, $HF_HOME/hub, ...)");
-  app.add_option("--device", device, "auto | cpu | cuda:N (default auto)");
+  app.add_option("--device", devices,
+                 "auto | cpu | cuda:N (default auto); repeat (or comma-separate) to serve "
+                 "several devices, one arena each; the first is the default");
   std::string cuda_sharing, dtype;
   app.add_option("--cuda-sharing", cuda_sharing,
                  "GPU sharing: auto (VMM fds where supported) | vmm | ipc (legacy handles)")
       ->check(CLI::IsMember({"auto", "vmm", "ipc"}));
   app.add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU only)");
   app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
-  app.add_option("--max-memory", max_memory, "arena memory budget, e.g. 48GiB (default unlimited)");
+  app.add_option("--max-memory", max_memory, "arena memory budget per device, e.g. 48GiB (default unlimited)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");
   app.add_flag("--version", version, "print the version and exit");
   CLI11_PARSE(app, argc, argv);
@@ -68,7 +71,13 @@ int main(int argc, char** argv) try {
     cfg.socket_mode = *mode;
   }
   if (!cache_dir.empty()) cfg.cache_dir = cache_dir;
-  if (!device.empty()) cfg.device = device;
+  if (!devices.empty()) {
+    std::string joined;
+    for (const auto& d : devices) joined += (joined.empty() ? "" : ",") + d;
+    auto list = wbroker::broker::ParseDeviceList(joined);
+    if (!list.ok()) return Fail("--device: " + list.status().message());
+    cfg.device = joined;
+  }
   if (!cuda_sharing.empty()) cfg.cuda_sharing = cuda_sharing;
   if (!dtype.empty()) {
     auto d = wbroker::broker::ParseCastDType(dtype);

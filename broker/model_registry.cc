@@ -172,18 +172,12 @@ std::vector<std::shared_ptr<ModelEntry>> ModelRegistry::Find(const std::string& 
   return out;
 }
 
-Result<nlohmann::json> ModelRegistry::Unload(const std::string& model,
-                                             const std::string& revision_prefix, bool force) {
-  std::vector<std::shared_ptr<ModelEntry>> matches;
+Status ModelRegistry::CheckUnload(const std::string& model, const std::string& revision_prefix,
+                                  bool force) const {
+  bool any = false;
   for (const auto& e : Find(model)) {
-    if (e->resolved.commit.rfind(revision_prefix, 0) == 0) matches.push_back(e);
-  }
-  if (matches.empty())
-    return Status(ErrorCode::kNotFound,
-                  revision_prefix.empty()
-                      ? fmt::format("model {} is not loaded", model)
-                      : fmt::format("model {} has no loaded revision {}", model, revision_prefix));
-  for (const auto& e : matches) {
+    if (e->resolved.commit.rfind(revision_prefix, 0) != 0) continue;
+    any = true;
     if (e->state == ModelState::kLoading)
       return Status(ErrorCode::kFailedPrecondition,
                     fmt::format("model {} is still loading; unload it when it is ready", e->key));
@@ -192,6 +186,21 @@ Result<nlohmann::json> ModelRegistry::Unload(const std::string& model,
                     fmt::format("model {} has {} active lease(s); use --force to drain it (no "
                                 "new attaches, freed at the last release)",
                                 e->key, e->leases));
+  }
+  if (!any)
+    return Status(ErrorCode::kNotFound,
+                  revision_prefix.empty()
+                      ? fmt::format("model {} is not loaded", model)
+                      : fmt::format("model {} has no loaded revision {}", model, revision_prefix));
+  return Status::Ok();
+}
+
+Result<nlohmann::json> ModelRegistry::Unload(const std::string& model,
+                                             const std::string& revision_prefix, bool force) {
+  WB_RETURN_IF_ERROR(CheckUnload(model, revision_prefix, force));
+  std::vector<std::shared_ptr<ModelEntry>> matches;
+  for (const auto& e : Find(model)) {
+    if (e->resolved.commit.rfind(revision_prefix, 0) == 0) matches.push_back(e);
   }
   nlohmann::json out = {{"unloaded", nlohmann::json::array()},
                         {"draining", nlohmann::json::array()}};

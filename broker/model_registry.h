@@ -75,6 +75,11 @@ class ModelRegistry {
   Result<nlohmann::json> Unload(const std::string& model, const std::string& revision_prefix,
                                 bool force);
 
+  /// The checks of Unload without acting: kNotFound when nothing matches,
+  /// kFailedPrecondition when a match is loading or (without `force`) leased.
+  Status CheckUnload(const std::string& model, const std::string& revision_prefix,
+                     bool force) const;
+
   /// Entries whose model matches, for unload by branch name resolution.
   std::vector<std::shared_ptr<ModelEntry>> Find(const std::string& model) const;
 

@@ -163,7 +163,8 @@ nlohmann::json Server::ClientsJson() const {
                    {"uid", s->peer().uid},
                    {"gid", s->peer().gid},
                    {"client", s->client_name()},
-                   {"leases", s->lease_count()}});
+                   {"leases", s->lease_count()},
+                   {"leased_models", s->leased_models()}});
   }
   return out;
 }

@@ -42,7 +42,7 @@ class Server {
   /// Removes the socket file when this server created it.
   void Stop();
 
-  /// {"pid","uid","gid","leases","client"} per connection.
+  /// {"id","pid","uid","gid","client","leases","leased_models"} per connection.
   nlohmann::json ClientsJson() const;
   /// Number of open connections.
   size_t connection_count() const { return sessions_.size(); }

@@ -204,9 +204,13 @@ void Session::DoWrite() {
 }
 
 uint64_t Session::AddLease(std::shared_ptr<ModelEntry> entry) {
+  return AddLease(registry_, std::move(entry));
+}
+
+uint64_t Session::AddLease(ModelRegistry& registry, std::shared_ptr<ModelEntry> entry) {
   uint64_t id = next_lease_++;
-  registry_.AddLease(entry);
-  leases_.emplace(id, std::move(entry));
+  registry.AddLease(entry);
+  leases_.emplace(id, Lease{std::move(entry), &registry});
   return id;
 }
 
@@ -215,16 +219,23 @@ Status Session::ReleaseLease(uint64_t lease_id) {
   if (it == leases_.end())
     return Status(ErrorCode::kNotFound,
                   fmt::format("no lease {} on this connection", lease_id));
-  auto entry = std::move(it->second);
+  Lease lease = std::move(it->second);
   leases_.erase(it);
-  registry_.ReleaseLease(entry);
+  lease.registry->ReleaseLease(lease.entry);
   return Status::Ok();
 }
 
 void Session::ReleaseAllLeases() {
   auto leases = std::move(leases_);
   leases_.clear();
-  for (auto& [id, entry] : leases) registry_.ReleaseLease(entry);
+  for (auto& [id, lease] : leases) lease.registry->ReleaseLease(lease.entry);
+}
+
+std::vector<std::string> Session::leased_models() const {
+  std::vector<std::string> keys;
+  keys.reserve(leases_.size());
+  for (const auto& [id, lease] : leases_) keys.push_back(lease.entry->key);
+  return keys;
 }
 
 void Session::Close(const std::string& why) {

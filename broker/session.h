@@ -55,8 +55,11 @@ class Session : public std::enable_shared_from_this<Session> {
   /// Sends {"ok":false,"id":..,"error":{...}} for `request_id`.
   void SendError(const nlohmann::json& request_id, const Status& status);
 
-  /// Records a lease on `entry`; returns its id.
+  /// Records a lease on `entry` of the session's default registry; returns its id.
   uint64_t AddLease(std::shared_ptr<ModelEntry> entry);
+  /// Records a lease on `entry`, which lives in `registry` (the lease is
+  /// released there); returns its id.
+  uint64_t AddLease(ModelRegistry& registry, std::shared_ptr<ModelEntry> entry);
   /// Ends a lease; kNotFound when this connection holds no such lease.
   Status ReleaseLease(uint64_t lease_id);
 
@@ -69,9 +72,17 @@ class Session : public std::enable_shared_from_this<Session> {
   }
   const std::string& client_name() const { return client_name_; }
   size_t lease_count() const { return leases_.size(); }
+  /// Keys of the models this connection holds leases on, one per lease.
+  std::vector<std::string> leased_models() const;
   bool closed() const { return closed_; }
 
  private:
+  /// A lease: the entry and the registry it came from.
+  struct Lease {
+    std::shared_ptr<ModelEntry> entry;  ///< the leased model
+    ModelRegistry* registry = nullptr;  ///< where the lease is counted
+  };
+
   struct Outgoing {
     std::string bytes;           ///< whole frame
     std::vector<UniqueFd> fds;   ///< sent with bytes[0]
@@ -92,7 +103,7 @@ class Session : public std::enable_shared_from_this<Session> {
   const uint64_t id_;                                   ///< broker-wide connection id
   const PeerCredentials peer_;                          ///< SO_PEERCRED at accept
   RequestHandler& handler_;                             ///< request dispatch
-  ModelRegistry& registry_;                             ///< lease accounting
+  ModelRegistry& registry_;                             ///< default registry for leases
   const SessionLimits limits_;                          ///< frame bounds
   std::string inbuf_;                                   ///< bytes not yet framed
   std::deque<Outgoing> outq_;                           ///< frames waiting to go out
@@ -101,7 +112,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool hello_ = false;                                  ///< handshake done
   bool closed_ = false;                                 ///< Close() ran
   std::string client_name_;                             ///< from hello
-  std::map<uint64_t, std::shared_ptr<ModelEntry>> leases_;  ///< lease id -> model
+  std::map<uint64_t, Lease> leases_;                    ///< lease id -> model and registry
   uint64_t next_lease_ = 1;                             ///< per-connection counter
 };
 

@@ -81,10 +81,13 @@ int main(int argc, char** argv) try {
   load->add_option("model", spec, "MODEL[@REV]")->required();
   std::string dtype;
   load->add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU)");
+  std::string device;
+  load->add_option("--device", device, "device to load on, as the broker names it (default: its first)");
   bool force = false;
   auto* unload = app.add_subcommand("unload", "unload MODEL[@REV] (all loaded revisions if no REV)");
   unload->add_option("model", spec, "MODEL[@REV]")->required();
   unload->add_flag("--force", force, "drain a leased model: no new attaches, freed at last release");
+  unload->add_option("--device", device, "unload only on this device (default: every device)");
   std::string cache_dir;
   auto* verify = app.add_subcommand("verify", "check a cached snapshot offline (no broker needed)");
   verify->add_option("model", spec, "MODEL[@REV]")->required();
@@ -141,21 +144,24 @@ int main(int argc, char** argv) try {
   if (load->parsed()) {
     json req = {{"op", "load"}, {"model", ms->model}, {"revision", ms->revision}};
     if (!dtype.empty()) req["dtype"] = dtype;
+    if (!device.empty()) req["device"] = device;
     auto r = (*client)->Call(req);
     if (!r.ok()) return Fail(fmt::format("load {} failed: {}", spec, r.status().message()));
     if (as_json) {
       r->erase("id");
       std::cout << r->dump(2) << "\n";
     } else {
-      fmt::print("loaded {} @ {}: {} tensors, {} in {:.2f}s\n", r->value("model", ""),
+      fmt::print("loaded {} @ {}: {} tensors, {} in {:.2f}s{}\n", r->value("model", ""),
                  r->value("revision", ""), r->value("tensors", 0),
-                 wbroker::FormatBytes(r->value("bytes", 0ull)), r->value("load_seconds", 0.0));
+                 wbroker::FormatBytes(r->value("bytes", 0ull)), r->value("load_seconds", 0.0),
+                 device.empty() ? "" : " on " + r->value("device", device));
     }
     return 0;
   }
   if (unload->parsed()) {
-    auto r = (*client)->Call(
-        {{"op", "unload"}, {"model", ms->model}, {"revision", ms->revision}, {"force", force}});
+    json req = {{"op", "unload"}, {"model", ms->model}, {"revision", ms->revision}, {"force", force}};
+    if (!device.empty()) req["device"] = device;
+    auto r = (*client)->Call(req);
     if (!r.ok()) return Fail(fmt::format("unload {} failed: {}", spec, r.status().message()));
     if (as_json) {
       r->erase("id");

@@ -284,5 +284,45 @@ TEST(Config, LoadConfigFileOfAMissingFileNamesIt) {
   EXPECT_THAT(dirr.status().message(), HasSubstr(dir.path().string()));
 }
 
+TEST(Config, DeviceListSpellings) {
+  EXPECT_EQ(Parse("device = \"cuda:0\"").device, "cuda:0");
+  EXPECT_EQ(Parse("device = \"cuda:0,cuda:1\"").device, "cuda:0,cuda:1");
+  EXPECT_EQ(Parse("device = [\"cuda:0\", \"cuda:1\"]").device, "cuda:0,cuda:1");
+  EXPECT_EQ(Parse("device = [\"cpu\"]").device, "cpu");
+  auto list = ParseDeviceList("cuda:0, cuda:1 ,cpu");
+  ASSERT_TRUE(list.ok()) << list.status().ToString();
+  EXPECT_EQ(*list, (std::vector<std::string>{"cuda:0", "cuda:1", "cpu"}));
+  auto one = ParseDeviceList("auto");
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(*one, std::vector<std::string>{"auto"});
+  for (const char* bad : {"", ",", "cuda:0,", ",cuda:0", "cuda:0,,cuda:1", " "}) {
+    auto r = ParseDeviceList(bad);
+    EXPECT_FALSE(r.ok()) << "\"" << bad << "\"";
+    if (!r.ok()) EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+  }
+}
+
+TEST(Config, BadDeviceListsAreRefusedByKey) {
+  for (const char* text : {"device = []", "device = [\"cuda:0\", 1]", "device = [\"\"]",
+                           "device = \"cuda:0,\"", "device = [[\"cpu\"]]", "device = {a = 1}"}) {
+    Status s = Refusal(text);
+    EXPECT_THAT(s.message(), HasSubstr("device")) << text;
+  }
+}
+
+TEST(Config, PreloadDevice) {
+  BrokerConfig c = Parse(
+      "device = [\"cpu\", \"cuda:0\"]\n"
+      "[[preload]]\nmodel = \"org/a\"\ndevice = \"cuda:0\"\n"
+      "[[preload]]\nmodel = \"org/b\"\n");
+  ASSERT_EQ(c.preload.size(), 2u);
+  EXPECT_EQ(c.preload[0].device, "cuda:0");
+  EXPECT_EQ(c.preload[1].device, "");
+  EXPECT_THAT(Refusal("[[preload]]\nmodel = \"org/a\"\ndevice = 1").message(),
+              HasSubstr("preload[0].device"));
+  EXPECT_THAT(Refusal("[[preload]]\nmodel = \"org/a\"\ndevice = \"\"").message(),
+              HasSubstr("preload[0].device"));
+}
+
 }  // namespace
 }  // namespace wbroker::broker
