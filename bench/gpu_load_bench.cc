@@ -58,11 +58,15 @@
 #include "wbroker/common/unique_fd.h"
 #include "wbroker/cuda/driver.h"
 #include "wbroker/cuda/resources.h"
+#include "bench_util.h"
 
 namespace {
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
+using wbroker::bench::Clock;
+using wbroker::bench::Median;
+using wbroker::bench::Percentile;
+using wbroker::bench::Seconds;
 using nlohmann::json;
 using wbroker::ErrorCode;
 using wbroker::FormatBytes;
@@ -70,20 +74,6 @@ using wbroker::Result;
 using wbroker::Status;
 
 constexpr uint64_t kChunk = 16ull << 20;  ///< the loader's default chunk (FillOptions)
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-double Percentile(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
 
 double Gbps(uint64_t bytes, double seconds) {
   return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "bench_util.h"
 #include "model_loader.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
@@ -30,22 +31,11 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using nlohmann::json;
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-double Percentile(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
-}
+using wbroker::bench::Clock;
+using wbroker::bench::Median;
+using wbroker::bench::Percentile;
+using wbroker::bench::Seconds;
 
 [[noreturn]] void Die(const std::string& msg) {
   std::fprintf(stderr, "wbroker-bench-load: %s\n", msg.c_str());

@@ -88,6 +88,10 @@ class Backend {
 /// Which CUDA sharing mechanism to use when a GPU is selected.
 enum class CudaSharing { kAuto, kVmm, kIpc };
 
+/// Runs `fn` on `n` threads (the caller's among them) and joins them: the
+/// fan-out every backend's Fill() uses for its reader threads.
+void RunOnThreads(unsigned n, const std::function<void()>& fn);
+
 /// The backends compiled into this build, e.g. {"host"}.
 std::vector<std::string> BuiltBackends();
 

@@ -129,11 +129,7 @@ class HostArena final : public Arena {
       }
     };
     unsigned n_threads = std::max(1u, std::min<unsigned>(options.threads, chunks.size()));
-    std::vector<std::thread> threads;
-    threads.reserve(n_threads - 1);
-    for (unsigned t = 1; t < n_threads; ++t) threads.emplace_back(worker);
-    worker();
-    for (auto& t : threads) t.join();
+    RunOnThreads(n_threads, worker);
     return first_error;
   }
 
