@@ -172,19 +172,17 @@ void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {
   s->Send(Reply(req));
 }
 
-bool Dispatcher::IsAdmin(const Session& s) const {
-  return s.peer().uid == 0 || s.peer().uid == ::geteuid();
+Status Dispatcher::CheckAdmin(const Session& s, const char* verb) const {
+  if (s.peer().uid == 0 || s.peer().uid == ::geteuid()) return Status::Ok();
+  spdlog::warn("refused {} from pid {} uid {}: not an admin", verb, s.peer().pid, s.peer().uid);
+  return Status(ErrorCode::kPermissionDenied,
+                fmt::format("{} is an admin verb: uid {} is neither root nor the broker's uid {}",
+                            verb, s.peer().uid, ::geteuid()));
 }
 
 void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const json id = IdOf(req);
-  if (!IsAdmin(*s)) {
-    spdlog::warn("refused load from pid {} uid {}: not an admin", s->peer().pid, s->peer().uid);
-    return s->SendError(id, Status(ErrorCode::kPermissionDenied,
-                                   fmt::format("load is an admin verb: uid {} is neither root "
-                                               "nor the broker's uid {}",
-                                               s->peer().uid, ::geteuid())));
-  }
+  if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return s->SendError(id, admin);
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) return s->SendError(id, resolved.status());
   auto dtype = OptString(req, "dtype");
@@ -219,13 +217,7 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
 
 void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
   const json id = IdOf(req);
-  if (!IsAdmin(*s)) {
-    spdlog::warn("refused unload from pid {} uid {}: not an admin", s->peer().pid, s->peer().uid);
-    return s->SendError(id, Status(ErrorCode::kPermissionDenied,
-                                   fmt::format("unload is an admin verb: uid {} is neither root "
-                                               "nor the broker's uid {}",
-                                               s->peer().uid, ::geteuid())));
-  }
+  if (Status admin = CheckAdmin(*s, "unload"); !admin.ok()) return s->SendError(id, admin);
   auto model = OptString(req, "model");
   auto revision = OptString(req, "revision");
   if (!model.ok()) return s->SendError(id, model.status());

@@ -58,8 +58,9 @@ class Dispatcher final : public RequestHandler {
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
-  /// Admin verbs: root or the broker's own uid.
-  bool IsAdmin(const Session& s) const;
+  /// Admin verbs: Ok for root or the broker's own uid; otherwise logs the
+  /// refusal (pid, uid) and returns the kPermissionDenied sent to the peer.
+  Status CheckAdmin(const Session& s, const char* verb) const;
   /// Resolves the request's "model"/"revision" in the cache.
   Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
 
