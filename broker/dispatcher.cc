@@ -99,6 +99,15 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
   s->Send(std::move(r));
 }
 
+Result<std::optional<DType>> Dispatcher::CastOf(const json& req) const {
+  WB_ASSIGN_OR_RETURN(std::string dtype, OptString(req, "dtype"));
+  // "" and "auto" keep the broker's default (its `dtype` setting, else the
+  // checkpoint's own types); a named type selects that cast of the model.
+  if (dtype.empty() || dtype == "auto") return ctx_.default_cast;
+  WB_ASSIGN_OR_RETURN(DType d, ParseCastDType(dtype));
+  return std::optional<DType>(d);
+}
+
 Result<ResolvedModel> Dispatcher::ResolveRequest(const json& req) const {
   WB_ASSIGN_OR_RETURN(std::string model, OptString(req, "model"));
   WB_ASSIGN_OR_RETURN(std::string revision, OptString(req, "revision"));
@@ -121,9 +130,11 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
                  resolved.status().message());
     return s->SendError(id, resolved.status());
   }
+  auto cast = CastOf(req);
+  if (!cast.ok()) return s->SendError(id, cast.status());
   std::weak_ptr<Session> weak = s;
   dev->registry->Acquire(
-      *resolved, ctx_.default_cast, ctx_.config->load_on_attach, /*pin=*/false,
+      *resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
       [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;  // client went away while the model loaded
@@ -185,21 +196,15 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return s->SendError(id, admin);
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) return s->SendError(id, resolved.status());
-  auto dtype = OptString(req, "dtype");
-  if (!dtype.ok()) return s->SendError(id, dtype.status());
-  std::optional<DType> cast = ctx_.default_cast;
-  if (!dtype->empty()) {
-    auto d = ParseCastDType(*dtype);
-    if (!d.ok()) return s->SendError(id, d.status());
-    cast = *d;
-  }
+  auto cast = CastOf(req);
+  if (!cast.ok()) return s->SendError(id, cast.status());
   auto device = OptString(req, "device");
   if (!device.ok()) return s->SendError(id, device.status());
   auto arena = FindDevice(*device);
   if (!arena.ok()) return s->SendError(id, arena.status());
   const DeviceArena* dev = *arena;
   std::weak_ptr<Session> weak = s;
-  dev->registry->Acquire(*resolved, cast, /*allow_load=*/true, /*pin=*/false,
+  dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false,
                          [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
                            auto s = weak.lock();
                            if (!s || s->closed()) return;

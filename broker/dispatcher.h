@@ -63,6 +63,9 @@ class Dispatcher final : public RequestHandler {
   Status CheckAdmin(const Session& s, const char* verb) const;
   /// Resolves the request's "model"/"revision" in the cache.
   Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
+  /// The cast a request asks for with "dtype" (bf16/fp16/fp32; ""/"auto" =
+  /// the broker's default); kInvalidArgument for other names.
+  Result<std::optional<DType>> CastOf(const nlohmann::json& req) const;
 
   DispatcherContext ctx_;  ///< the broker's parts
 };
