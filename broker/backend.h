@@ -21,7 +21,7 @@ namespace wbroker::broker {
 
 /// Copy `length` bytes from `fd` at `file_offset` to the arena at
 /// `arena_offset`. When dst_dtype differs from src_dtype the elements are
-/// converted on the way (GPU backends only; the arena range then holds
+/// converted on the way (backends whose can_cast() is true; the arena range then holds
 /// length / bytes(src) * bytes(dst) bytes).
 struct CopyJob {
   int fd = -1;                 ///< source file, open for reading (borrowed)

@@ -47,7 +47,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                  slot.backend->name());
     if (cast && !slot.backend->can_cast())
       return Status(ErrorCode::kUnsupported,
-                    fmt::format("dtype = \"{}\" needs a GPU backend; {} serves weights as stored",
+                    fmt::format("dtype = \"{}\": the {} backend cannot convert dtypes",
                                 config.dtype, slot.backend->name()));
     slot.budget = std::make_unique<MemoryBudget>(config.max_memory);
     slot.registry = std::make_unique<ModelRegistry>(io, *slot.backend, *slot.budget, ropts);

@@ -2,7 +2,9 @@
 // threads with sendfile() (page cache -> shmem inside the kernel: one copy, no
 // page faults, no zeroing of pages that are about to be overwritten), then
 // sealed so that no process can change or resize it. Where sendfile into the
-// memfd is refused, threads pread() into a shared mapping instead.
+// memfd is refused, threads pread() into a shared mapping instead. Jobs that
+// convert dtypes (--dtype) take a third path through a bounded per-thread
+// buffer: pread, convert (host_cast.h), pwrite into the memfd.
 // docs/benchmarks.md has the measurements behind this choice.
 #include "host_backend.h"
 
@@ -16,10 +18,12 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 
+#include "host_cast.h"
 #include "wbroker/common/file_io.h"
 #include "wbroker/common/mapping.h"
 #include "wbroker/common/size_units.h"
@@ -31,13 +35,93 @@ namespace {
 /// The seals that make an arena immutable for everyone, the broker included.
 constexpr int kArenaSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL;
 
+/// Source bytes converted per step of a cast chunk: bounds each thread's
+/// buffers (this much in, up to twice as much out).
+constexpr uint64_t kCastStepBytes = 8ull << 20;
+
 /// One piece of a CopyJob handed to a reader thread.
 struct Chunk {
-  int fd;
-  uint64_t file_offset;
-  uint64_t arena_offset;
-  uint64_t length;
+  int fd;                 ///< source file (borrowed)
+  uint64_t file_offset;   ///< where the piece starts in the file
+  uint64_t arena_offset;  ///< where its (converted) bytes start in the arena
+  uint64_t length;        ///< bytes to read from the file
+  DType src_dtype;        ///< element type in the file
+  DType dst_dtype;        ///< element type in the arena; != src_dtype for a cast
 };
+
+/// Bytes per element of a castable dtype (2 or 4).
+uint64_t ElementBytes(DType t) { return DTypeBits(t) / 8; }
+
+/// The path behind an fd, for error messages ("fd N" when /proc cannot tell).
+std::string FdPath(int fd) {
+  char buf[4096];
+  ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), buf, sizeof(buf));
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : "fd " + std::to_string(fd);
+}
+
+/// A failed write into the memfd; running out of memory gets its own code.
+Status MemfdWriteError(const char* what, int err) {
+  if (err == ENOSPC || err == ENOMEM)
+    return Status(ErrorCode::kResourceExhausted,
+                  fmt::format("host memory ran out while filling the arena ({}: {})", what,
+                              std::strerror(err)));
+  return ErrnoStatus(what, err);
+}
+
+// pwrite() of all `length` bytes, retrying short writes and EINTR.
+Status PwriteFully(int fd, const std::byte* src, uint64_t length, uint64_t offset) {
+  while (length > 0) {
+    ssize_t n = ::pwrite(fd, src, length, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return MemfdWriteError("pwrite", errno);
+    }
+    src += n;
+    offset += static_cast<uint64_t>(n);
+    length -= static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+/// One reader thread's conversion buffers, allocated on its first cast chunk.
+struct CastBuffers {
+  std::unique_ptr<std::byte[]> in;   ///< source elements as read from the file
+  std::unique_ptr<std::byte[]> out;  ///< converted elements, before pwrite
+  uint64_t in_bytes = 0;             ///< capacity of `in`; `out` holds twice that
+};
+
+// Converts chunk `c` step by step: pread into buf.in, convert into buf.out
+// (or straight into `mapped`, the arena mapping, when there is one), then
+// pwrite into `memfd`. Calls `progress` with the source bytes of each step.
+Status CastChunk(const Chunk& c, int memfd, std::byte* mapped, uint64_t step_bytes,
+                 CastBuffers& buf, const std::function<void(uint64_t)>& progress) {
+  const uint64_t src_size = ElementBytes(c.src_dtype);
+  const uint64_t dst_size = ElementBytes(c.dst_dtype);
+  if (!buf.in) {
+    buf.in_bytes = step_bytes;
+    buf.in = std::make_unique_for_overwrite<std::byte[]>(step_bytes);
+    if (mapped == nullptr) buf.out = std::make_unique_for_overwrite<std::byte[]>(2 * step_bytes);
+  }
+  for (uint64_t done = 0; done < c.length;) {
+    const uint64_t n = std::min(buf.in_bytes, c.length - done);
+    const uint64_t count = n / src_size;
+    const uint64_t dst_offset = c.arena_offset + done / src_size * dst_size;
+    auto context = [&] {
+      return fmt::format("converting {} to {} from {} (bytes {}..{})", DTypeName(c.src_dtype),
+                         DTypeName(c.dst_dtype), FdPath(c.fd), c.file_offset + done,
+                         c.file_offset + done + n);
+    };
+    Status s = PreadFully(c.fd, buf.in.get(), n, c.file_offset + done);
+    if (!s.ok()) return s.WithContext(context());
+    std::byte* out = mapped != nullptr ? mapped + dst_offset : buf.out.get();
+    s = CastElements(c.src_dtype, buf.in.get(), c.dst_dtype, out, count);
+    if (s.ok() && mapped == nullptr) s = PwriteFully(memfd, out, count * dst_size, dst_offset);
+    if (!s.ok()) return s.WithContext(context());
+    if (progress) progress(n);
+    done += n;
+  }
+  return Status::Ok();
+}
 
 // Copies with sendfile() through `out`, a private file description of the
 // memfd whose offset this thread alone moves.
@@ -50,11 +134,7 @@ Status SendfileFully(int out, int in, uint64_t length, uint64_t file_offset,
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
-      if (err == ENOSPC || err == ENOMEM)
-        return Status(ErrorCode::kResourceExhausted,
-                      "host memory ran out while filling the arena (sendfile: " +
-                          std::string(std::strerror(err)) + ")");
-      return ErrnoStatus("sendfile", err);
+      return MemfdWriteError("sendfile", err);
     }
     if (n == 0)
       return Status(ErrorCode::kCorruptData,
@@ -76,18 +156,38 @@ class HostArena final : public Arena {
   Status Fill(const std::vector<CopyJob>& jobs, const FillOptions& options) override {
     if (sealed_) return Status(ErrorCode::kFailedPrecondition, "arena is sealed");
     std::vector<Chunk> chunks;
-    const uint64_t step = std::max<uint64_t>(options.chunk_bytes, 1 << 20);
+    // Multiples of 4 bytes, so that cast chunks split on element boundaries.
+    const uint64_t step = std::max<uint64_t>(options.chunk_bytes, 1 << 20) / 4 * 4;
+    uint64_t largest_cast = 0;
     for (const auto& j : jobs) {
+      const bool cast = j.src_dtype != j.dst_dtype;
+      uint64_t dst_length = j.length;
+      if (cast) {
+        if (!IsHostCastable(j.src_dtype) || !IsHostCastable(j.dst_dtype))
+          return Status(ErrorCode::kUnsupported,
+                        fmt::format("cannot convert {} to {} (reading {} at offset {})",
+                                    DTypeName(j.src_dtype), DTypeName(j.dst_dtype), FdPath(j.fd),
+                                    j.file_offset));
+        const uint64_t src_size = ElementBytes(j.src_dtype);
+        if (j.length % src_size != 0)
+          return Status(ErrorCode::kInternal,
+                        fmt::format("{} bytes at offset {} of {} are not whole {} elements",
+                                    j.length, j.file_offset, FdPath(j.fd), DTypeName(j.src_dtype)));
+        dst_length = j.length / src_size * ElementBytes(j.dst_dtype);
+        largest_cast = std::max(largest_cast, std::min(j.length, step));
+      }
       uint64_t end = 0;
-      if (__builtin_add_overflow(j.arena_offset, j.length, &end) || end > size_)
+      if (__builtin_add_overflow(j.arena_offset, dst_length, &end) || end > size_)
         return Status(ErrorCode::kInternal, "copy job outside the arena");
-      if (j.src_dtype != j.dst_dtype)
-        return Status(ErrorCode::kUnsupported, "the host backend does not convert dtypes");
       for (uint64_t done = 0; done < j.length; done += step) {
-        chunks.push_back({j.fd, j.file_offset + done, j.arena_offset + done,
-                          std::min(step, j.length - done)});
+        const uint64_t arena_done =
+            cast ? done / ElementBytes(j.src_dtype) * ElementBytes(j.dst_dtype) : done;
+        chunks.push_back({j.fd, j.file_offset + done, j.arena_offset + arena_done,
+                          std::min(step, j.length - done), j.src_dtype, j.dst_dtype});
       }
     }
+    // Each thread's cast buffers: no larger than the largest cast chunk needs.
+    const uint64_t cast_step = std::min(kCastStepBytes, largest_cast);
     if (chunks.empty()) return Status::Ok();
     // Each thread writes through its own open file description of the memfd
     // (reopened via /proc), so their sendfile() offsets do not collide.
@@ -112,6 +212,7 @@ class HostArena final : public Arena {
       if (!failed.exchange(true)) first_error = s;
     };
     auto worker = [&] {
+      CastBuffers cast_buffers;
       UniqueFd out;
       if (use_sendfile) {
         out.reset(::open(self_path.c_str(), O_WRONLY | O_CLOEXEC));
@@ -121,6 +222,13 @@ class HostArena final : public Arena {
         size_t i = next.fetch_add(1, std::memory_order_relaxed);
         if (i >= chunks.size() || failed.load(std::memory_order_relaxed)) return;
         const Chunk& c = chunks[i];
+        if (c.src_dtype != c.dst_dtype) {
+          // pwrite() takes its own offset, so the shared memfd fd serves every thread.
+          Status s = CastChunk(c, fd_.get(), use_sendfile ? nullptr : map.bytes(), cast_step,
+                               cast_buffers, options.on_progress);
+          if (!s.ok()) return fail(s);
+          continue;
+        }
         Status s = use_sendfile
                        ? SendfileFully(out.get(), c.fd, c.length, c.file_offset, c.arena_offset)
                        : PreadFully(c.fd, map.bytes() + c.arena_offset, c.length, c.file_offset);

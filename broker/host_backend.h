@@ -16,6 +16,8 @@ class HostBackend final : public Backend {
   std::string device() const override { return "cpu"; }
   Result<std::unique_ptr<Arena>> Allocate(uint64_t size, const std::string& label) override;
   MemoryInfo Memory() const override;
+  /// Converts F32/F16/BF16 while filling (host_cast.h), so --dtype works on the CPU.
+  bool can_cast() const override { return true; }
 
  private:
   HostBackend() = default;

@@ -46,7 +46,7 @@ int main(int argc, char** argv) try {
   app.add_option("--cuda-sharing", cuda_sharing,
                  "GPU sharing: auto (VMM fds where supported) | vmm | ipc (legacy handles)")
       ->check(CLI::IsMember({"auto", "vmm", "ipc"}));
-  app.add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU only)");
+  app.add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32");
   app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
   app.add_option("--max-memory", max_memory, "arena memory budget per device, e.g. 48GiB (default unlimited)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");

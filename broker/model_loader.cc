@@ -58,8 +58,8 @@ Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
   const auto start = std::chrono::steady_clock::now();
   if (options.cast_to && !backend.can_cast())
     return Status(ErrorCode::kUnsupported,
-                  fmt::format("--dtype {} needs a GPU backend; the {} backend serves weights as "
-                              "stored",
+                  fmt::format("--dtype {}: the {} backend cannot convert dtypes; it serves "
+                              "weights as stored",
                               DTypeName(*options.cast_to), backend.name()));
   WB_ASSIGN_OR_RETURN(ModelWeights weights, OpenModelWeights(model));
   ArenaPlan plan = PlanArena(weights, options.cast_to);

@@ -66,7 +66,8 @@ TEST(BackendSelection, CpuIsHostMemory) {
   EXPECT_EQ((*b)->name(), "host");
   EXPECT_EQ((*b)->device(), "cpu");
   EXPECT_EQ((*b)->device_uuid(), "");
-  EXPECT_FALSE((*b)->can_cast());
+  // F32/F16/BF16 conversion runs on the CPU too (host_cast_test checks the bytes).
+  EXPECT_TRUE((*b)->can_cast());
 }
 
 TEST(BackendSelection, MalformedDevicesAreRefused) {
@@ -212,12 +213,6 @@ TEST_F(WbrokerdDevice, CudaDeviceWithoutADriverRefusesToStart) {
 #else
   EXPECT_THAT(log, HasSubstr("no CUDA backend"));
 #endif
-}
-
-TEST_F(WbrokerdDevice, DtypeNeedsAGpu) {
-  std::string log =
-      FailedStart({"--device", "cpu", "--dtype", "bf16"}, {{"WBROKER_LIBCUDA", kNoDriver}});
-  EXPECT_THAT(log, HasSubstr("needs a GPU backend"));
 }
 
 #if WBROKER_HAVE_CUDA
