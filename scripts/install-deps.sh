@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing wbroker needs on Debian 12 (bookworm):
 #   1. the Debian packages below (apt-get; skipped when all are installed already),
-#   2. a Python virtual environment at .venv with numpy and safetensors, used by
-#      scripts/make_hf_cache.py and by the tests that cross-check safetensors files.
+#   2. a Python virtual environment at .venv with the pinned packages of
+#      scripts/requirements.txt (numpy, safetensors, torch, transformers, ...) and
+#      the wbroker Python client (python/, installed editable), used by the
+#      C++ worker's build (libtorch), the Python client and the tests.
 # Safe to run again: it only does what is missing.
 #
 # Environment:
@@ -29,9 +31,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   systemd python3 python3-venv python3-pip ca-certificates
 )
-# Pinned Python packages (numpy 2.2.6 has wheels for CPython 3.10 to 3.13;
-# Debian 12 ships 3.11).
-py_packages=(numpy==2.2.6 safetensors==0.8.0)
+# Pinned Python packages: scripts/requirements.txt.
+requirements=$repo/scripts/requirements.txt
 
 # --- Debian packages --------------------------------------------------------
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
@@ -80,20 +81,37 @@ else
     die "'$PYTHON -m venv' failed (on Debian: apt-get install python3-venv)"
 fi
 
+# Only what is missing or at another version gets installed: a second run is fast.
 check_py='
 import sys
-import numpy, safetensors
-want = dict(a.split("==") for a in sys.argv[1:])
-have = {"numpy": numpy.__version__, "safetensors": safetensors.__version__}
-sys.exit(0 if all(have[k] == v for k, v in want.items()) else 1)
+from importlib.metadata import version, PackageNotFoundError
+bad = []
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, want = line.split("==")
+    try:
+        have = version(name)
+    except PackageNotFoundError:
+        have = None
+    if have != want:
+        bad.append(f"{name}=={want} (have {have})")
+try:
+    import wbroker  # the client from python/, installed editable
+except ImportError:
+    bad.append("wbroker (python/)")
+print(" ".join(bad))
+sys.exit(1 if bad else 0)
 '
-if "$venv/bin/python" -c "$check_py" "${py_packages[@]}" >/dev/null 2>&1; then
-  say "venv has ${py_packages[*]} already"
+if out=$("$venv/bin/python" -c "$check_py" "$requirements" 2>/dev/null); then
+  say "venv has every package of scripts/requirements.txt already"
 else
-  say "running: $venv/bin/python -m pip install ${py_packages[*]}"
-  "$venv/bin/python" -m pip install --disable-pip-version-check -q "${py_packages[@]}" ||
-    die "pip install ${py_packages[*]} failed"
-  "$venv/bin/python" -c "$check_py" "${py_packages[@]}" ||
-    die "venv $venv still lacks ${py_packages[*]} after pip install"
+  say "venv lacks: ${out:-packages}"
+  say "running: $venv/bin/python -m pip install -r scripts/requirements.txt -e ./python (torch is ~4 GB with its CUDA libraries)"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$requirements" -e "$repo/python" ||
+    die "pip install -r scripts/requirements.txt failed"
+  out=$("$venv/bin/python" -c "$check_py" "$requirements") ||
+    die "venv $venv still lacks: $out"
 fi
 say "done"

@@ -1,0 +1,158 @@
+"""Client: one connection to wbrokerd, attach/release, status and admin verbs.
+
+  with wbroker.connect() as client:
+      lease = client.attach("org/name", revision="3f6b9d2")
+      w = lease.tensors["model.embed_tokens.weight"]   # zero-copy, read-only
+
+Leases end with release(), with close(), or when the process exits (the
+broker sees the connection close). If the broker restarts, the next call
+reconnects once; leases taken before it are gone and can be re-taken with
+Lease.reattach().
+"""
+import os
+import sys
+import weakref
+
+from .dtypes import cast_name
+from .errors import BrokerUnavailable, ConnectionLost
+from .protocol import PROTOCOL_VERSION, Connection, _close_all, default_socket_path
+
+
+class Client:
+    """A connection to wbrokerd. Calls are serialized (one request at a time)."""
+
+    def __init__(self, socket=None, name=None, timeout=None, reconnect=True):
+        self.socket_path = os.fspath(socket) if socket else default_socket_path()
+        self.name = name or f"python:{os.path.basename(sys.argv[0]) or 'python'}:{os.getpid()}"
+        self.timeout = timeout
+        self.auto_reconnect = reconnect
+        self.broker = None
+        self._conn = None
+        self._leases = weakref.WeakSet()
+        self._connect()
+
+    def _connect(self):
+        conn = Connection(self.socket_path, self.timeout)
+        try:
+            reply, fds = conn.call({"op": "hello", "protocol": PROTOCOL_VERSION, "client": self.name})
+            _close_all(fds)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self.broker = reply.get("broker", {})
+
+    def reconnect(self):
+        """Drops the connection (ending its leases at the broker) and opens a new one."""
+        if self._conn is not None:
+            self._conn.close()
+        for lease in list(self._leases):
+            lease._released = True
+        self._leases = weakref.WeakSet()
+        self._connect()
+
+    def _call(self, request):
+        if self._conn is None or self._conn.closed:
+            if not self.auto_reconnect:
+                raise ConnectionLost(f"not connected to wbrokerd at {self.socket_path}")
+            self.reconnect()
+        try:
+            return self._conn.call(request)
+        except ConnectionLost:
+            # The broker went away mid-call (restart): try once more on a new
+            # connection. attach is idempotent; its lease lived on the old one.
+            if not self.auto_reconnect:
+                raise
+            try:
+                self.reconnect()
+            except BrokerUnavailable:
+                raise
+            return self._conn.call(request)
+
+    def call(self, op, **fields):
+        """Sends any request and returns the reply dict (fds are closed)."""
+        reply, fds = self._call(dict(fields, op=op))
+        _close_all(fds)
+        return reply
+
+    def attach(self, model, revision=None, device=None, dtype=None):
+        """Attaches `model` ("org/name" or an absolute local dir) at `revision`
+        (branch, tag, full or >= 7-hex short commit; None = main). Waits while
+        the broker loads it. `dtype` asks for the broker's bf16/fp16/fp32 cast."""
+        from .lease import Lease
+        req = {"op": "attach", "model": os.fspath(model)}
+        if revision:
+            req["revision"] = revision
+        if device:
+            req["device"] = device
+        cast = cast_name(dtype)
+        if cast:
+            req["dtype"] = cast
+        reply, fds = self._call(req)
+        try:
+            reply["_request_model"], reply["_request_revision"] = req["model"], revision
+            reply["_request_device"], reply["_request_dtype"] = device, cast
+            lease = Lease(self, reply, fds)
+        except BaseException:
+            # The broker holds a lease for us; end it so nothing is leaked.
+            if isinstance(reply.get("lease"), int) and not self._conn.closed:
+                try:
+                    self._conn.call({"op": "release", "lease": reply["lease"]})
+                except Exception:
+                    pass
+            raise
+        finally:
+            # Mappings and imports hold their own references: the fds are done.
+            _close_all(fds)
+        self._leases.add(lease)
+        return lease
+
+    def _forget(self, lease):
+        self._leases.discard(lease)
+
+    def status(self):
+        return self.call("status")
+
+    def ping(self):
+        self.call("ping")
+
+    def load(self, model, revision=None, device=None, dtype=None):
+        """Admin: loads a model without attaching it (root or the broker's uid)."""
+        fields = {"model": os.fspath(model)}
+        if revision:
+            fields["revision"] = revision
+        if device:
+            fields["device"] = device
+        if cast_name(dtype):
+            fields["dtype"] = cast_name(dtype)
+        return self.call("load", **fields)
+
+    def unload(self, model, revision=None, device=None, force=False):
+        fields = {"model": os.fspath(model), "force": force}
+        if revision:
+            fields["revision"] = revision
+        if device:
+            fields["device"] = device
+        return self.call("unload", **fields)
+
+    def close(self):
+        """Closes the connection; the broker ends every lease it carried."""
+        for lease in list(self._leases):
+            lease._released = True
+        if self._conn is not None:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<wbroker.Client {self.socket_path} broker={self.broker.get('version', '?')}>"
+
+
+def connect(socket=None, name=None, timeout=None, reconnect=True):
+    """Connects to wbrokerd at `socket` (default $WBROKER_SOCKET, else
+    /run/wbroker/wbroker.sock). Raises BrokerUnavailable naming the path."""
+    return Client(socket=socket, name=name, timeout=timeout, reconnect=reconnect)

@@ -1,0 +1,170 @@
+"""examples/fastapi_app under gunicorn: 4 workers, one copy of the weights.
+
+The model is a random Qwen2 (~120 MB in fp32) stored in bf16, served in fp32
+(a common CPU setup): the broker casts it once and shares the result; the
+seed's app makes every worker convert (and so copy) the checkpoint itself.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import REPO
+
+WORKERS = 4
+PROMPTS = ["Hello world, the fox", "Shared memory, zero copies:", "def main():"]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory):
+    import transformers as tf
+    from make_tiny_model import install_dir, make_tokenizer_for
+    cache = tmp_path_factory.mktemp("hub-medium")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tokenizer_for("qwen2", tmp)
+        torch.manual_seed(7)
+        cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                             tie_word_embeddings=False, initializer_range=0.05,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        tf.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp)
+        info = install_dir(tmp, str(cache), "tiny/qwen2-medium")
+    info["cache"] = cache
+    return info
+
+
+class Gunicorn:
+    def __init__(self, app_dir, app, env, log):
+        self.port = free_port()
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-k", "uvicorn.workers.UvicornWorker",
+             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", app],
+            cwd=app_dir, env=dict(os.environ, **env), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{log.read_text()[-4000:]}")
+            if log.read_text().count("Application startup complete") >= WORKERS:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"gunicorn workers did not start:\n{log.read_text()[-4000:]}")
+
+    def workers(self):
+        pids = open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()
+        return [int(p) for p in pids]
+
+    def get(self, path, **query):
+        url = f"http://127.0.0.1:{self.port}{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=300) as r:
+            return json.loads(r.read())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pss(pid):
+    """(total Pss, Pss of the broker's arena mapping), in bytes."""
+    total = arena = 0
+    in_arena = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                in_arena = "memfd:wbroker" in line
+            elif line.startswith("Pss:"):
+                kb = int(line.split()[1]) * 1024
+                total += kb
+                arena += kb if in_arena else 0
+    return total, arena
+
+
+def reference_texts(snapshot, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(snapshot, local_files_only=True, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+    out = {}
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")
+        with torch.inference_mode():
+            gen = model.generate(**ids, max_length=128, do_sample=False)
+        out[p] = tok.decode(gen[0], skip_special_tokens=True)
+    return out
+
+
+def test_four_gunicorn_workers_share_one_copy_and_answer_like_from_pretrained(
+        broker_factory, medium_model, tmp_path):
+    commit = medium_model["commit"]
+    b = broker_factory(medium_model["cache"], ["--preload", f"tiny/qwen2-medium@{commit[:7]}",
+                                               "--dtype", "fp32"])
+    env = {"MODEL_ID": "tiny/qwen2-medium", "MODEL_REVISION": commit[:7], "MODEL_DTYPE": "float32",
+           "WBROKER_SOCKET": b.socket, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    want = reference_texts(medium_model["snapshot"], torch.float32)
+
+    app = Gunicorn(REPO / "examples" / "fastapi_app", "server:app", env, tmp_path / "wb.log")
+    try:
+        for p in PROMPTS:
+            assert app.get("/infer", prompt=p) == {"result": want[p]}, p
+        health = app.get("/healthz")
+        assert health["revision"] == commit and health["backend"] == "host"
+        wb = {pid: pss(pid) for pid in app.workers()}
+    finally:
+        app.stop()
+    assert len(wb) == WORKERS
+
+    base_env = {"MODEL_DIR": medium_model["snapshot"], "MODEL_DTYPE": "float32", "HF_HUB_OFFLINE": "1"}
+    base = Gunicorn(REPO / "tests" / "python", "baseline_app:app", base_env, tmp_path / "base.log")
+    try:
+        assert base.get("/infer", prompt=PROMPTS[0]) == {"result": want[PROMPTS[0]]}
+        baseline = {pid: pss(pid) for pid in base.workers()}
+    finally:
+        base.stop()
+
+    copy = sum(4 * _numel(shape) for shape in _param_shapes(medium_model["snapshot"]))
+    wb_weights = sum(a for _, a in wb.values())
+    wb_rest = sum(t - a for t, a in wb.values())
+    base_weights = sum(t for t, _ in baseline.values()) - wb_rest
+    report = (f"one fp32 copy {copy / 2**20:.1f} MiB; wbroker weights PSS {wb_weights / 2**20:.1f} MiB "
+              f"({wb_weights / copy:.2f} copies); baseline weights PSS {base_weights / 2**20:.1f} MiB "
+              f"({base_weights / copy:.2f} copies); ratio {base_weights / wb_weights:.2f}")
+    print(report)
+    (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
+    (REPO / "bench" / "out" / "fastapi_pss.txt").write_text(report + "\n")
+    assert 0.9 <= wb_weights / copy <= 1.1, report
+    assert base_weights / copy >= 3.5, report
+    assert base_weights / wb_weights >= 3.2, report
+
+
+def _param_shapes(snapshot):
+    from safetensors import safe_open
+    with safe_open(os.path.join(snapshot, "model.safetensors"), "pt") as f:
+        return [f.get_slice(k).get_shape() for k in f.keys()]
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
