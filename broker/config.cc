@@ -58,7 +58,10 @@ Result<std::vector<std::string>> ParseDeviceList(std::string_view text) {
 
 Result<PreloadEntry> ParsePreload(std::string_view spec) {
   WB_ASSIGN_OR_RETURN(ModelSpec ms, ParseModelSpec(spec));
-  return PreloadEntry{ms.model, ms.revision};
+  PreloadEntry e;
+  e.model = ms.model;
+  e.revision = ms.revision;
+  return e;
 }
 
 Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view label) {

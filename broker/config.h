@@ -15,7 +15,7 @@ namespace wbroker::broker {
 struct PreloadEntry {
   std::string model;     ///< repo id or absolute path
   std::string revision;  ///< branch, tag, full or short commit; "" = main
-  std::string dtype;     ///< "" = as stored; bf16|fp16|fp32 converts on a GPU backend
+  std::string dtype;     ///< "" = as stored; bf16|fp16|fp32 converts the float tensors
   std::string device;    ///< device to load on (as attach names it); "" = the first device
 };
 

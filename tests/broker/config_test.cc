@@ -298,7 +298,9 @@ TEST(Config, DeviceListSpellings) {
   for (const char* bad : {"", ",", "cuda:0,", ",cuda:0", "cuda:0,,cuda:1", " "}) {
     auto r = ParseDeviceList(bad);
     EXPECT_FALSE(r.ok()) << "\"" << bad << "\"";
-    if (!r.ok()) EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+    }
   }
 }
 
