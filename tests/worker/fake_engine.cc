@@ -75,6 +75,7 @@ Result<http::CompletionResult> FakeEngine::Complete(const http::CompletionReques
       break;
     }
   }
+  if (req.echo) result.text = req.prompt + result.text;  // the fake's tokenizer is the identity
   return result;
 }
 

@@ -305,6 +305,7 @@ TEST_F(HttpServerTest, InferReturnsPromptPlusCompletion) {
   ASSERT_EQ(r.status, 200u) << r.body;
   EXPECT_EQ(r.Json()["result"], prompt + FakeEngine::ExpectedCompletion(prompt, 3));
   EXPECT_EQ(engine_->last_request().temperature, 0.0f);  // greedy
+  EXPECT_TRUE(engine_->last_request().echo);              // decoded prompt + continuation
   EXPECT_EQ(engine_->last_request().max_tokens, 3);
   // Default max_tokens.
   r = Get("/infer?prompt=hi");

@@ -127,6 +127,7 @@ Dispatch ApiRouter::Infer(std::string_view query) const {
   CompletionRequest req;
   req.prompt = std::string(*prompt);
   req.temperature = 0.0f;  // greedy, as model.generate() defaults to
+  req.echo = true;         // the seed answered prompt + continuation
   if (auto text = qs->Get("max_tokens")) {
     int n = 0;
     auto [end, ec] = std::from_chars(text->data(), text->data() + text->size(), n);
@@ -150,7 +151,7 @@ Dispatch ApiRouter::Infer(std::string_view query) const {
                     auto result =
                         engine->Complete(req, [&r](std::string_view) { return !r.ClientGone(); });
                     if (!result.ok()) return r.Send(ErrorResponse(result.status()));
-                    r.Send(JsonResponse(HttpStatus::ok, {{"result", req.prompt + result->text}}));
+                    r.Send(JsonResponse(HttpStatus::ok, {{"result", result->text}}));
                   }};
 }
 

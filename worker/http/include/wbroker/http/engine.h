@@ -21,11 +21,15 @@ struct CompletionRequest {
   float top_p = 1.0f;             ///< nucleus sampling mass, (0, 1]
   std::optional<uint64_t> seed;   ///< sampling seed; unset = engine's choice
   std::vector<std::string> stop;  ///< generation ends before any of these strings
+  /// The result text starts with the prompt as the tokenizer decodes its ids
+  /// (special tokens skipped), as the seed app's
+  /// `tokenizer.decode(outputs[0], skip_special_tokens=True)`; not streamed.
+  bool echo = false;
 };
 
 /// What Complete() produced.
 struct CompletionResult {
-  std::string text;           ///< generated text only (the prompt is not repeated)
+  std::string text;           ///< generated text (after the decoded prompt if echo)
   int prompt_tokens = 0;      ///< tokens in the prompt
   int completion_tokens = 0;  ///< tokens generated
   std::string finish_reason;  ///< "stop" or "length"
