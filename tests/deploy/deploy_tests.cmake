@@ -5,16 +5,7 @@
 #    kustomize; those cases skip, saying so, where kubectl is not installed);
 #  - deploy_shipped_broker_config: the ConfigMap's wbrokerd.toml and the probe
 #    and wait-for-broker commands, run against the wbrokerd/wbrokerctl built here.
-set(WBROKER_DEPLOY_PYTHON "${WBROKER_PYTHON}")
-if(NOT WBROKER_DEPLOY_PYTHON)
-  set(WBROKER_DEPLOY_PYTHON python3)
-endif()
 foreach(suite kubernetes_manifests shipped_broker_config)
-  add_test(NAME deploy_${suite}
-           COMMAND ${WBROKER_DEPLOY_PYTHON} -m pytest -q -p no:cacheprovider -rs
-                   ${CMAKE_SOURCE_DIR}/tests/deploy/test_${suite}.py
-           WORKING_DIRECTORY ${CMAKE_SOURCE_DIR})
-  set_tests_properties(deploy_${suite} PROPERTIES
-    LABELS deploy TIMEOUT 300
-    ENVIRONMENT "WBROKERD=$<TARGET_FILE:wbrokerd>;WBROKERCTL=$<TARGET_FILE:wbrokerctl>;PYTHONDONTWRITEBYTECODE=1")
+  wb_add_pytest(deploy_${suite} tests/deploy/test_${suite}.py LABELS deploy TIMEOUT 300
+                ENV "WBROKERD=$<TARGET_FILE:wbrokerd>;WBROKERCTL=$<TARGET_FILE:wbrokerctl>")
 endforeach()

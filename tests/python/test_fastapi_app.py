@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.error
@@ -19,33 +18,17 @@ import pytest
 import torch
 
 from conftest import REPO
+from wbtest import arena_pss, free_port
 
 WORKERS = 4
 PROMPTS = ["Hello world, the fox", "Shared memory, zero copies:", "def main():"]
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def medium_model(tmp_path_factory):
-    import transformers as tf
-    from make_tiny_model import install_dir, make_tokenizer_for
+    from make_tiny_model import make_medium_qwen2
     cache = tmp_path_factory.mktemp("hub-medium")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer_for("qwen2", tmp)
-        torch.manual_seed(7)
-        cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                             tie_word_embeddings=False, initializer_range=0.05,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        tf.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp)
-        info = install_dir(tmp, str(cache), "tiny/qwen2-medium")
+    info = make_medium_qwen2(cache, "tiny/qwen2-medium", dtype="bfloat16")
     info["cache"] = cache
     return info
 
@@ -87,18 +70,7 @@ class Gunicorn:
 
 def pss(pid):
     """(total Pss, Pss of the broker's arena mapping), in bytes."""
-    total = arena = 0
-    in_arena = False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                in_arena = "memfd:wbroker" in line
-            elif line.startswith("Pss:"):
-                kb = int(line.split()[1]) * 1024
-                total += kb
-                arena += kb if in_arena else 0
-    return total, arena
+    return arena_pss(pid)[:2]
 
 
 def reference_texts(snapshot, dtype):

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -400,20 +399,10 @@ def test_worker_keeps_serving_when_the_broker_goes_away(hub, tmp_path):
 
 @pytest.fixture(scope="module")
 def medium_model(tmp_path_factory):
-    """A random Qwen2 of ~100 MB in fp32 (as tests/python/test_fastapi_app.py's)."""
-    import transformers as tf
-    from make_tiny_model import install_dir, make_tokenizer_for
+    """A random Qwen2 of ~117 MiB in fp32 (as tests/python/test_fastapi_app.py's, there in bf16)."""
+    from make_tiny_model import make_medium_qwen2
     cache = tmp_path_factory.mktemp("hub-medium")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = make_tokenizer_for("qwen2", tmp)
-        torch.manual_seed(7)
-        cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                             tie_word_embeddings=False, initializer_range=0.05,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        tf.Qwen2ForCausalLM(cfg).to(torch.float32).save_pretrained(tmp)
-        info = install_dir(tmp, str(cache), "tiny/qwen2-medium")
+    info = make_medium_qwen2(cache, "tiny/qwen2-medium", dtype="float32")
     info["cache"] = cache
     return info
 
