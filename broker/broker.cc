@@ -28,8 +28,12 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
     WB_ASSIGN_OR_RETURN(DType d, ParseCastDType(config.dtype));
     cast = d;
   }
+  WB_ASSIGN_OR_RETURN(b->metrics_, BrokerMetrics::Create(MetricsOptions{config.metrics_listen}));
   RegistryOptions ropts;
   ropts.loader_threads = config.loader_threads;
+  ropts.on_load_finished = [metrics = b->metrics_.get()](const ModelEntry& e) {
+    metrics->ObserveLoad(e);
+  };
   for (const auto& spec : specs) {
     DeviceSlot slot;
     slot.spec = spec;
@@ -51,6 +55,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                                 config.dtype, slot.backend->name()));
     slot.budget = std::make_unique<MemoryBudget>(config.max_memory);
     slot.registry = std::make_unique<ModelRegistry>(io, *slot.backend, *slot.budget, ropts);
+    b->metrics_->AddDevice(slot.backend.get(), slot.registry.get());
     b->devices_.push_back(std::move(slot));
   }
   b->default_cast_ = cast;
@@ -63,6 +68,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
         DeviceArena{slot.spec, slot.backend.get(), slot.budget.get(), slot.registry.get()});
   ctx.started = std::chrono::steady_clock::now();
   ctx.default_cast = b->default_cast_;
+  ctx.metrics = b->metrics_.get();
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
@@ -90,6 +96,10 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   WB_ASSIGN_OR_RETURN(b->server_,
                       Server::Create(io, sopts, *b->dispatcher_, *b->devices_.front().registry));
   b->dispatcher_->set_server(b->server_.get());
+  b->metrics_->SetServer(b->server_.get());
+  // Listening here, not in Start(): a metrics port that cannot be had fails
+  // the start with the reason, like a socket in use.
+  WB_RETURN_IF_ERROR(b->metrics_->Serve());
   return b;
 }
 
@@ -173,6 +183,7 @@ void Broker::Stop() {
   boost::system::error_code ec;
   signals_.cancel(ec);
   watchdog_timer_.cancel();
+  if (metrics_) metrics_->StopServing();
   if (server_) server_->Stop();
   // Clients keep their mappings: a memfd lives as long as anyone maps it.
   for (auto& d : devices_)

@@ -14,6 +14,7 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "memory_budget.h"
+#include "metrics.h"
 #include "model_registry.h"
 #include "server.h"
 #include "systemd_notifier.h"
@@ -52,6 +53,8 @@ class Broker {
   std::vector<DeviceSlot> devices_;           ///< the first is the default
   std::unique_ptr<Dispatcher> dispatcher_;    ///< protocol verbs
   std::unique_ptr<Server> server_;            ///< the socket
+  /// Prometheus metrics; declared after what it reads, so it goes first.
+  std::unique_ptr<BrokerMetrics> metrics_;
   SystemdNotifier notifier_;                  ///< sd_notify
   boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT
   boost::asio::steady_timer watchdog_timer_;  ///< WATCHDOG=1 pings

@@ -9,6 +9,7 @@
 #include <toml++/toml.h>
 
 #include "wbroker/common/hf_cache.h"
+#include "metrics.h"
 #include "model_loader.h"
 #include "wbroker/common/size_units.h"
 
@@ -77,10 +78,10 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   }
   BrokerConfig cfg;
   static const std::set<std::string> kKeys = {
-      "socket",          "socket_mode",      "socket_group",   "cache_dir",
-      "device",          "max_memory",       "log_level",      "load_on_attach",
-      "loader_threads",  "max_connections",  "max_frame_bytes", "hello_timeout_ms",
-      "preload",         "cuda_sharing",     "dtype"};
+      "socket",         "socket_mode",     "socket_group",    "cache_dir",
+      "device",         "max_memory",      "log_level",       "load_on_attach",
+      "loader_threads", "max_connections", "max_frame_bytes", "hello_timeout_ms",
+      "preload",        "cuda_sharing",    "dtype",           "metrics_listen"};
   for (const auto& [k, v] : t) {
     if (!kKeys.count(std::string(k.str())))
       return KeyError(label, k.str(), "unknown setting");
@@ -134,6 +135,11 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
     if (!d.ok()) return d.status().WithContext(std::string(label) + ": dtype");
   }
   WB_RETURN_IF_ERROR(get_string("log_level", cfg.log_level));
+  WB_RETURN_IF_ERROR(get_string("metrics_listen", cfg.metrics_listen));
+  if (!cfg.metrics_listen.empty()) {
+    Status listen = CheckListenAddress(cfg.metrics_listen);
+    if (!listen.ok()) return listen.WithContext(std::string(label) + ": metrics_listen");
+  }
   std::string s;
   WB_RETURN_IF_ERROR(get_string("cache_dir", s));
   if (!s.empty()) cfg.cache_dir = s;

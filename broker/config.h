@@ -35,6 +35,7 @@ struct BrokerConfig {
   unsigned max_connections = 4096;        ///< concurrent client connections
   uint32_t max_frame_bytes = 16u << 20;   ///< largest request frame
   unsigned hello_timeout_ms = 10000;      ///< close connections that do not say hello
+  std::string metrics_listen;             ///< HOST:PORT for Prometheus /metrics; "" = off
   std::vector<PreloadEntry> preload;      ///< loaded before READY
 };
 

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "progress_stream.h"
 #include "server.h"
 #include "wbroker/common/frame.h"
 
@@ -63,11 +64,22 @@ void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
   if (op == "ping") return s->Send(Reply(req));
   if (op == "load") return DoLoad(s, req);
   if (op == "unload") return DoUnload(s, req);
+  if (op == "metrics") {
+    // Open to every peer, like status: the same figures, in Prometheus text.
+    json r = Reply(req);
+    r["content_type"] = "text/plain; version=0.0.4";
+    r["text"] = ctx_.metrics ? ctx_.metrics->Render() : std::string();
+    return s->Send(std::move(r));
+  }
   s->SendError(IdOf(req), Status(ErrorCode::kInvalidArgument, fmt::format("unknown op \"{}\"", op)));
 }
 
 void Dispatcher::SessionClosed(const Session& session) {
   if (ctx_.server) ctx_.server->Forget(session.id());
+}
+
+void Dispatcher::ErrorSent(const Status& status) {
+  if (ctx_.metrics) ctx_.metrics->CountError(status.code());
 }
 
 void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
@@ -96,6 +108,8 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
     r["broker"]["devices"] = std::move(devices);
   }
   r["connection"] = s->id();
+  // Opt-in additions to protocol 1 that this broker understands.
+  r["features"] = {"load_progress", "metrics"};
   s->Send(std::move(r));
 }
 
@@ -193,19 +207,39 @@ Status Dispatcher::CheckAdmin(const Session& s, const char* verb) const {
 
 void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const json id = IdOf(req);
-  if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return s->SendError(id, admin);
+  auto progress = ProgressRequest(req);
+  if (!progress.ok()) return s->SendError(id, progress.status());
+  // With "progress": true, events precede the reply, and every outcome (a
+  // refusal too) ends them with a "ready" or "failed" event (progress_stream.h).
+  std::shared_ptr<ProgressStream> stream;
+  if (*progress) {
+    auto field = [&](const char* key) {
+      auto v = OptString(req, key);
+      return v.ok() ? *v : std::string();
+    };
+    stream = std::make_shared<ProgressStream>(
+        s,
+        ProgressStreamOptions{id, field("model"), field("revision"), field("device"), **progress});
+  }
+  auto refuse = [&](const Status& status) {
+    if (stream) stream->Finish(status);
+    s->SendError(id, status);
+  };
+  if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return refuse(admin);
   auto resolved = ResolveRequest(req);
-  if (!resolved.ok()) return s->SendError(id, resolved.status());
+  if (!resolved.ok()) return refuse(resolved.status());
   auto cast = CastOf(req);
-  if (!cast.ok()) return s->SendError(id, cast.status());
+  if (!cast.ok()) return refuse(cast.status());
   auto device = OptString(req, "device");
-  if (!device.ok()) return s->SendError(id, device.status());
+  if (!device.ok()) return refuse(device.status());
   auto arena = FindDevice(*device);
-  if (!arena.ok()) return s->SendError(id, arena.status());
+  if (!arena.ok()) return refuse(arena.status());
   const DeviceArena* dev = *arena;
+  if (stream) stream->SetTarget(resolved->model, resolved->commit, dev->backend->device());
   std::weak_ptr<Session> weak = s;
   dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false,
-                         [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+                         [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
+                           if (stream) stream->Finish(entry);
                            auto s = weak.lock();
                            if (!s || s->closed()) return;
                            if (!entry.ok()) return s->SendError(id, entry.status());
@@ -218,6 +252,8 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
                            r["load_seconds"] = (*entry)->loaded.seconds;
                            s->Send(std::move(r));
                          });
+  // Still loading (Acquire has not answered yet): sample it until it ends.
+  if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(*resolved, *cast));
 }
 
 void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
@@ -316,6 +352,7 @@ json Dispatcher::StatusJson() const {
       {"socket", ctx_.server ? ctx_.server->socket_path() : ""},
       {"cache_dir", ctx_.cache_dir.string()},
       {"load_on_attach", ctx_.config->load_on_attach},
+      {"metrics_listen", ctx_.metrics ? ctx_.metrics->listen_address() : ""},
   };
   out["devices"] = json::array();
   out["models"] = json::array();

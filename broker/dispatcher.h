@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "config.h"
 #include "memory_budget.h"
+#include "metrics.h"
 #include "model_registry.h"
 #include "session.h"
 
@@ -32,9 +33,11 @@ struct DispatcherContext {
   Server* server = nullptr;                    ///< for the client list
   std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
+  BrokerMetrics* metrics = nullptr;               ///< error counts and the `metrics` verb
 };
 
-/// Implements every protocol verb: hello, attach, release, status, load, unload, ping.
+/// Implements every protocol verb: hello, attach, release, status, load (with
+/// optional progress events), unload, metrics, ping.
 class Dispatcher final : public RequestHandler {
  public:
   explicit Dispatcher(DispatcherContext ctx) : ctx_(std::move(ctx)) {}
@@ -42,6 +45,7 @@ class Dispatcher final : public RequestHandler {
 
   void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) override;
   void SessionClosed(const Session& session) override;
+  void ErrorSent(const Status& status) override;
 
   /// The status document (also used for the STATUS= line).
   nlohmann::json StatusJson() const;

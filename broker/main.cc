@@ -10,6 +10,7 @@
 
 #include "broker.h"
 #include "config.h"
+#include "metrics.h"
 #include "model_loader.h"
 #include "wbroker/common/size_units.h"
 
@@ -27,8 +28,8 @@ int Fail(const std::string& message) {
 int main(int argc, char** argv) try {
   CLI::App app{"wbrokerd: load each Hugging Face model once and share it zero-copy with every "
                "worker process over a Unix socket"};
-  std::string config_path, socket_path, cache_dir, max_memory, log_level, socket_mode,
-      socket_group;
+  std::string config_path, socket_path, cache_dir, max_memory, log_level, socket_mode, socket_group,
+      metrics_listen;
   std::vector<std::string> devices;
   std::vector<std::string> preload;
   bool version = false;
@@ -50,6 +51,9 @@ int main(int argc, char** argv) try {
   app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
   app.add_option("--max-memory", max_memory, "arena memory budget per device, e.g. 48GiB (default unlimited)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");
+  app.add_option("--metrics-listen", metrics_listen,
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
+                 "port 0 picks a free one, see `wbrokerctl status`)");
   app.add_flag("--version", version, "print the version and exit");
   CLI11_PARSE(app, argc, argv);
   if (version) {
@@ -85,6 +89,11 @@ int main(int argc, char** argv) try {
     cfg.dtype = dtype;
   }
   if (!log_level.empty()) cfg.log_level = log_level;
+  if (!metrics_listen.empty()) {
+    if (auto st = wbroker::broker::CheckListenAddress(metrics_listen); !st.ok())
+      return Fail("--metrics-listen: " + st.message());
+    cfg.metrics_listen = metrics_listen;
+  }
   if (!max_memory.empty()) {
     auto bytes = wbroker::ParseByteSize(max_memory);
     if (!bytes.ok()) return Fail("--max-memory: " + bytes.status().message());

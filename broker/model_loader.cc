@@ -6,7 +6,6 @@
 
 #include <fmt/format.h>
 
-#include <atomic>
 #include <cctype>
 #include <chrono>
 
@@ -63,6 +62,16 @@ Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
                               DTypeName(*options.cast_to), backend.name()));
   WB_ASSIGN_OR_RETURN(ModelWeights weights, OpenModelWeights(model));
   ArenaPlan plan = PlanArena(weights, options.cast_to);
+  if (options.progress != nullptr) {
+    // Each file's read volume, in job order (which is file order).
+    std::vector<ProgressFile> files;
+    for (const auto& file : weights.files) {
+      ProgressFile pf{file.name, 0};
+      for (const auto& t : file.header.tensors) pf.bytes += t.nbytes();
+      files.push_back(std::move(pf));
+    }
+    options.progress->SetPlan(std::move(files));
+  }
 
   // Open every file before reserving memory: a permission problem should not
   // cost an allocation.
@@ -90,13 +99,8 @@ Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
   }
   FillOptions fill;
   fill.threads = options.threads;
-  if (options.on_progress) {
-    auto done = std::make_shared<std::atomic<uint64_t>>(0);
-    uint64_t total = plan.file_bytes;
-    fill.on_progress = [done, total, cb = options.on_progress](uint64_t n) {
-      cb(done->fetch_add(n) + n, total);
-    };
-  }
+  if (options.progress != nullptr)
+    fill.on_progress = [progress = options.progress](uint64_t n) { progress->AddBytes(n); };
   Status s = (*arena)->Fill(plan.jobs, fill);
   if (s.ok()) s = (*arena)->Seal();
   if (!s.ok()) {

@@ -12,6 +12,7 @@
 
 #include "backend.h"
 #include "memory_budget.h"
+#include "progress.h"
 #include "wbroker/common/hf_cache.h"
 #include "wbroker/common/manifest.h"
 #include "wbroker/common/model_files.h"
@@ -50,7 +51,7 @@ struct LoaderOptions {
   unsigned threads = 4;                       ///< reader threads
   MemoryBudget* budget = nullptr;             ///< reserved before allocation when set
   std::optional<DType> cast_to;               ///< convert float tensors (GPU backends)
-  std::function<void(uint64_t done, uint64_t total)> on_progress;  ///< any thread
+  LoadProgress* progress = nullptr;           ///< counters the reader threads add to (optional)
 };
 
 /// Validates the snapshot's weights, reserves budget, allocates, fills and seals.

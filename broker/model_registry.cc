@@ -40,7 +40,8 @@ ModelRegistry::ModelRegistry(boost::asio::io_context& io, Backend& backend, Memo
       backend_(backend),
       budget_(budget),
       options_(options),
-      pool_(std::max(1u, options.max_parallel_loads)) {}
+      pool_(std::max(1u, options.max_parallel_loads)),
+      progress_timer_(io) {}
 
 ModelRegistry::~ModelRegistry() {
   // Loads in flight finish on the pool before members go away.
@@ -72,6 +73,7 @@ void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cas
         return;
       case ModelState::kFailed:
         entries_.erase(it);  // retry below: the files may have been fixed
+        PublishRows();
         break;
     }
   }
@@ -92,6 +94,7 @@ void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cas
     else done(s);
   });
   entries_[key] = entry;
+  PublishRows();
   StartLoad(entry);
 }
 
@@ -102,20 +105,31 @@ void ModelRegistry::StartLoad(const std::shared_ptr<ModelEntry>& entry) {
     opts.cast_to = cast_to;
     opts.threads = options_.loader_threads;
     opts.budget = &budget_;
-    // Progress is sampled on the io thread at most every ~1% to keep logs sane.
-    auto last_pct = std::make_shared<std::atomic<int>>(-1);
-    opts.on_progress = [this, entry, last_pct](uint64_t done, uint64_t total) {
-      int pct = total ? static_cast<int>(done * 100 / total) : 100;
-      if (last_pct->exchange(pct) == pct) return;
-      boost::asio::post(io_, [entry, done, total] {
-        entry->load_done_bytes = std::max(entry->load_done_bytes, done);
-        entry->load_total_bytes = total;
-      });
-    };
+    // The readers only add to these counters; the io thread samples them.
+    opts.progress = entry->progress.get();
     Result<LoadedModel> result = LoadModel(resolved, backend_, opts);
     boost::asio::post(io_, [this, entry, result = std::move(result)]() mutable {
       FinishLoad(entry, std::move(result));
     });
+  });
+  if (!progress_timer_armed_) DoLogProgress();
+}
+
+void ModelRegistry::DoLogProgress() {
+  bool loading = false;
+  for (const auto& [key, e] : entries_) {
+    if (e->state != ModelState::kLoading) continue;
+    loading = true;
+    const ProgressSample sample = e->progress->Sample();
+    if (e->progress_log.ShouldLog(sample)) spdlog::info("{}", ProgressLogLine(key, sample));
+  }
+  progress_timer_armed_ = loading;
+  if (!loading) return;
+  progress_timer_.expires_after(std::chrono::milliseconds(500));
+  progress_timer_.async_wait([this](const boost::system::error_code& ec) {
+    // operation_aborted: the registry is going away; `this` may be gone.
+    if (ec) return;
+    DoLogProgress();
   });
 }
 
@@ -127,6 +141,8 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
     entry->state = ModelState::kFailed;
     entry->error = result.status();
     spdlog::error("load of {} failed: {}", entry->key, entry->error.ToString());
+    PublishRows();
+    if (options_.on_load_finished) options_.on_load_finished(*entry);
     for (auto& w : waiters) w(entry->error);
     return;
   }
@@ -135,26 +151,33 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   entry->state = ModelState::kReady;
   entry->loaded_at = std::chrono::system_clock::now();
-  entry->load_done_bytes = entry->load_total_bytes = entry->loaded.tensor_bytes;
   double secs = entry->loaded.seconds;
+  entry->load_bytes_per_second =
+      secs > 0 ? static_cast<double>(entry->progress->Sample().bytes_done) / secs : 0;
   spdlog::info("loaded {}: {} tensors, {} in {} file(s) in {:.3f} s ({:.2f} GB/s) on {} ({})",
                entry->key, entry->loaded.tensors.size(), FormatBytes(entry->loaded.tensor_bytes),
                entry->loaded.files, secs, secs > 0 ? entry->loaded.tensor_bytes / secs / 1e9 : 0.0,
                backend_.device(), backend_.name());
+  PublishRows();
+  if (options_.on_load_finished) options_.on_load_finished(*entry);
   for (auto& w : waiters) w(Status::Ok());
 }
 
 void ModelRegistry::AddLease(const std::shared_ptr<ModelEntry>& entry) {
   ++entry->leases;
   ++entry->attaches;
+  attaches_total_.fetch_add(1, std::memory_order_relaxed);
+  PublishRows();
 }
 
 void ModelRegistry::ReleaseLease(const std::shared_ptr<ModelEntry>& entry) {
   if (entry->leases > 0) --entry->leases;
+  releases_total_.fetch_add(1, std::memory_order_relaxed);
   if (entry->leases == 0 && entry->state == ModelState::kDraining) {
     spdlog::info("last lease of draining {} released: freeing it", entry->key);
     Free(entry);
   }
+  PublishRows();
 }
 
 void ModelRegistry::Free(const std::shared_ptr<ModelEntry>& entry) {
@@ -162,6 +185,7 @@ void ModelRegistry::Free(const std::shared_ptr<ModelEntry>& entry) {
   entry->loaded.arena.reset();
   auto it = entries_.find(entry->key);
   if (it != entries_.end() && it->second == entry) entries_.erase(it);
+  PublishRows();
 }
 
 std::vector<std::shared_ptr<ModelEntry>> ModelRegistry::Find(const std::string& model) const {
@@ -215,7 +239,38 @@ Result<nlohmann::json> ModelRegistry::Unload(const std::string& model,
       out["unloaded"].push_back(e->key);
     }
   }
+  PublishRows();
   return out;
+}
+
+std::shared_ptr<const LoadProgress> ModelRegistry::ProgressOf(const ResolvedModel& model,
+                                                              std::optional<DType> cast_to) const {
+  auto it = entries_.find(KeyOf(model, cast_to));
+  return it == entries_.end() ? nullptr : it->second->progress;
+}
+
+void ModelRegistry::PublishRows() {
+  std::vector<ModelMetricsRow> rows;
+  rows.reserve(entries_.size());
+  for (const auto& [key, e] : entries_) {
+    ModelMetricsRow r;
+    r.model = e->resolved.model;
+    r.revision = e->resolved.commit;
+    r.dtype = e->cast_to ? std::string(DTypeName(*e->cast_to)) : "stored";
+    r.state = ModelStateName(e->state);
+    r.bytes = e->loaded.arena ? e->loaded.arena->size() : 0;
+    r.leases = e->leases;
+    r.load_seconds = e->loaded.seconds;
+    r.load_bytes_per_second = e->load_bytes_per_second;
+    rows.push_back(std::move(r));
+  }
+  std::lock_guard<std::mutex> lock(rows_mu_);
+  rows_.swap(rows);
+}
+
+std::vector<ModelMetricsRow> ModelRegistry::MetricsRows() const {
+  std::lock_guard<std::mutex> lock(rows_mu_);
+  return rows_;
 }
 
 nlohmann::json ModelRegistry::StatusJson() const {
@@ -239,7 +294,14 @@ nlohmann::json ModelRegistry::StatusJson() const {
         {"load_seconds", e->loaded.seconds},
     };
     if (e->state == ModelState::kLoading) {
-      row["progress"] = {{"done_bytes", e->load_done_bytes}, {"total_bytes", e->load_total_bytes}};
+      const ProgressSample p = e->progress->Sample();
+      row["progress"] = {{"done_bytes", p.bytes_done},
+                         {"total_bytes", p.bytes_total},
+                         {"files_done", p.files_done},
+                         {"files_total", p.files_total},
+                         {"current_file", p.current_file},
+                         {"elapsed_seconds", p.elapsed_seconds},
+                         {"bytes_per_second", p.bytes_per_second}};
     }
     if (e->state == ModelState::kFailed) row["error"] = e->error.ToString();
     models.push_back(std::move(row));

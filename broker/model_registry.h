@@ -4,21 +4,25 @@
 // run on a separate thread pool and report back by posting to the io_context.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <nlohmann/json.hpp>
 
 #include "backend.h"
 #include "memory_budget.h"
 #include "model_loader.h"
+#include "progress.h"
 #include "wbroker/common/hf_cache.h"
 
 namespace wbroker::broker {
@@ -39,8 +43,10 @@ struct ModelEntry {
   bool pinned = false;               ///< preloaded by config: never freed implicitly
   uint64_t attaches = 0;             ///< attaches served, for status
   std::chrono::system_clock::time_point loaded_at;  ///< when it became ready
-  uint64_t load_done_bytes = 0;      ///< progress while loading
-  uint64_t load_total_bytes = 0;     ///< total while loading
+  /// The load's counters (added to by the loader threads, sampled on the io thread).
+  std::shared_ptr<LoadProgress> progress = std::make_shared<LoadProgress>();
+  ProgressLogPolicy progress_log;    ///< io thread: when the next progress log line is due
+  double load_bytes_per_second = 0;  ///< read throughput of the load that made it ready
   std::vector<std::function<void(Status)>> waiters;  ///< called when loading ends
 };
 
@@ -48,6 +54,21 @@ struct ModelEntry {
 struct RegistryOptions {
   unsigned loader_threads = 4;  ///< reader threads per load
   unsigned max_parallel_loads = 2;  ///< loads running at once
+  /// Called on the io thread when a load ends (ready or failed): the metrics.
+  std::function<void(const ModelEntry&)> on_load_finished;
+};
+
+/// One model as the metrics see it: a copy, so scrapes on other threads never
+/// touch an entry the io thread is changing.
+struct ModelMetricsRow {
+  std::string model;                 ///< repo id or path
+  std::string revision;              ///< full commit ("" for an uncommitted local dir)
+  std::string dtype;                 ///< bf16 | fp16 | fp32 when cast, else "stored"
+  std::string state;                 ///< loading | ready | failed | draining
+  uint64_t bytes = 0;                ///< arena bytes (0 until ready)
+  uint64_t leases = 0;               ///< live leases
+  double load_seconds = 0;           ///< duration of its load (ready and draining)
+  double load_bytes_per_second = 0;  ///< read throughput of its load
 };
 
 class ModelRegistry {
@@ -83,8 +104,18 @@ class ModelRegistry {
   /// Entries whose model matches, for unload by branch name resolution.
   std::vector<std::shared_ptr<ModelEntry>> Find(const std::string& model) const;
 
+  /// The progress counters of the entry for `model` (nullptr when there is none).
+  std::shared_ptr<const LoadProgress> ProgressOf(const ResolvedModel& model,
+                                                 std::optional<DType> cast_to) const;
+
   /// {"models":[...]} rows for status.
   nlohmann::json StatusJson() const;
+  /// Any thread: the models as of the last change (for metrics scrapes).
+  std::vector<ModelMetricsRow> MetricsRows() const;
+  /// Any thread: leases handed out since start.
+  uint64_t attaches_total() const { return attaches_total_.load(std::memory_order_relaxed); }
+  /// Any thread: leases ended since start (release requests and closed connections).
+  uint64_t releases_total() const { return releases_total_.load(std::memory_order_relaxed); }
   /// Bytes held by ready or draining arenas.
   uint64_t ArenaBytes() const;
   /// Frees everything not leased; used at shutdown.
@@ -94,6 +125,10 @@ class ModelRegistry {
   void StartLoad(const std::shared_ptr<ModelEntry>& entry);
   void FinishLoad(const std::shared_ptr<ModelEntry>& entry, Result<LoadedModel> result);
   void Free(const std::shared_ptr<ModelEntry>& entry);
+  /// Copies the entries into rows_ (after every change the metrics show).
+  void PublishRows();
+  /// Logs the progress of running loads now and then; re-arms while any runs.
+  void DoLogProgress();
 
   boost::asio::io_context& io_;     ///< where callbacks run
   Backend& backend_;                ///< makes arenas
@@ -101,6 +136,12 @@ class ModelRegistry {
   RegistryOptions options_;         ///< knobs
   boost::asio::thread_pool pool_;   ///< runs loads off the io thread
   std::map<std::string, std::shared_ptr<ModelEntry>> entries_;  ///< by key
+  boost::asio::steady_timer progress_timer_;                    ///< paces the progress log lines
+  bool progress_timer_armed_ = false;                           ///< a DoLogProgress wait is pending
+  mutable std::mutex rows_mu_;               ///< guards rows_ (io thread vs. scrapes)
+  std::vector<ModelMetricsRow> rows_;        ///< what MetricsRows() returns
+  std::atomic<uint64_t> attaches_total_{0};  ///< leases handed out
+  std::atomic<uint64_t> releases_total_{0};  ///< leases ended
 };
 
 }  // namespace wbroker::broker

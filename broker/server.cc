@@ -130,6 +130,7 @@ void Server::DoAccept() {
       auto session = std::make_shared<Session>(std::move(socket), id, *cred, handler_, registry_,
                                                options_.limits);
       sessions_.emplace(id, session);
+      live_.store(sessions_.size(), std::memory_order_relaxed);
       spdlog::debug("client {} connected: pid {} uid {} gid {}", id, cred->pid, cred->uid,
                     cred->gid);
       session->Start();
@@ -147,6 +148,7 @@ void Server::Stop() {
     if (auto s = weak.lock()) s->Close("broker shutting down");
   }
   sessions_.clear();
+  live_.store(0, std::memory_order_relaxed);
   if (owns_path_) {
     ::unlink(path_.c_str());
     owns_path_ = false;

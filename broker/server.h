@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -46,8 +47,13 @@ class Server {
   nlohmann::json ClientsJson() const;
   /// Number of open connections.
   size_t connection_count() const { return sessions_.size(); }
+  /// Any thread: the same number, for metrics scrapes.
+  size_t live_connections() const { return live_.load(std::memory_order_relaxed); }
   /// Called by the handler when a session ends.
-  void Forget(uint64_t session_id) { sessions_.erase(session_id); }
+  void Forget(uint64_t session_id) {
+    sessions_.erase(session_id);
+    live_.store(sessions_.size(), std::memory_order_relaxed);
+  }
   /// The path clients connect to ("" for an inherited socket of unknown path).
   const std::string& socket_path() const { return path_; }
 
@@ -66,6 +72,7 @@ class Server {
   bool owns_path_ = false;                                 ///< we bound it: unlink at Stop
   uint64_t next_id_ = 1;                                   ///< connection ids
   std::map<uint64_t, std::weak_ptr<Session>> sessions_;    ///< live connections
+  std::atomic<size_t> live_{0};                            ///< sessions_.size(), for other threads
 };
 
 }  // namespace wbroker::broker

@@ -148,6 +148,7 @@ void Session::SendError(const nlohmann::json& request_id, const Status& status) 
                         {"error", {{"code", ErrorCodeName(status.code())},
                                    {"message", status.message()}}}};
   if (!request_id.is_null()) msg["id"] = request_id;
+  handler_.ErrorSent(status);
   Send(std::move(msg));
 }
 

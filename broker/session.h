@@ -28,6 +28,8 @@ class RequestHandler {
   virtual void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) = 0;
   /// Called once when the session ends, after its leases were released.
   virtual void SessionClosed(const Session& session) = 0;
+  /// Called for every error reply a session sends (the metrics count them).
+  virtual void ErrorSent(const Status& status) {}
 };
 
 /// Limits applied to every connection.
@@ -75,6 +77,10 @@ class Session : public std::enable_shared_from_this<Session> {
   /// Keys of the models this connection holds leases on, one per lease.
   std::vector<std::string> leased_models() const;
   bool closed() const { return closed_; }
+  /// Frames queued but not yet fully written: a slow reader's backlog.
+  size_t queued_frames() const { return outq_.size(); }
+  /// The executor the session's I/O runs on (for timers that serve it).
+  boost::asio::any_io_executor executor() { return socket_.get_executor(); }
 
  private:
   /// A lease: the entry and the registry it came from.

@@ -1,16 +1,23 @@
-// wbrokerctl: operate a running wbrokerd (status, load, unload) and check a
-// cached snapshot offline (verify).
+// wbrokerctl: operate a running wbrokerd (status, load, unload, metrics) and
+// check a cached snapshot offline (verify).
 #include <CLI/CLI.hpp>
+#include <fmt/chrono.h>
 #include <fmt/format.h>
+#include <signal.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <iostream>
+#include <iterator>
 
+#include "progress_view.h"
 #include "verify.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
+#include "wbroker/common/frame.h"
 #include "wbroker/common/hf_cache.h"
 #include "wbroker/common/size_units.h"
 
@@ -28,36 +35,217 @@ int Fail(const Status& status) { return Fail(status.message()); }
 
 std::string Short(const std::string& commit) { return commit.substr(0, 12); }
 
-void PrintStatus(const json& st) {
+std::string FormatStatus(const json& st) {
+  std::string out;
+  auto to = std::back_inserter(out);
   const auto& b = st["broker"];
-  fmt::print("wbrokerd {} pid {}  up {:.0f}s  socket {}\ncache {}\n\n", b.value("version", "?"),
-             b.value("pid", 0), b.value("uptime_seconds", 0.0), b.value("socket", ""),
-             b.value("cache_dir", ""));
-  fmt::print("{:<10} {:<10} {:>12} {:>12} {:>12}\n", "DEVICE", "BACKEND", "TOTAL", "FREE", "MODELS");
+  fmt::format_to(to, "wbrokerd {} pid {}  up {:.0f}s  socket {}\ncache {}\n\n",
+                 b.value("version", "?"), b.value("pid", 0), b.value("uptime_seconds", 0.0),
+                 b.value("socket", ""), b.value("cache_dir", ""));
+  fmt::format_to(to, "{:<10} {:<10} {:>12} {:>12} {:>12}\n", "DEVICE", "BACKEND", "TOTAL", "FREE",
+                 "MODELS");
   for (const auto& d : st["devices"]) {
-    fmt::print("{:<10} {:<10} {:>12} {:>12} {:>12}\n", d.value("device", ""),
-               d.value("backend", ""), wbroker::FormatBytes(d.value("total_bytes", 0ull)),
-               wbroker::FormatBytes(d.value("free_bytes", 0ull)),
-               wbroker::FormatBytes(d.value("model_bytes", 0ull)));
+    fmt::format_to(to, "{:<10} {:<10} {:>12} {:>12} {:>12}\n", d.value("device", ""),
+                   d.value("backend", ""), wbroker::FormatBytes(d.value("total_bytes", 0ull)),
+                   wbroker::FormatBytes(d.value("free_bytes", 0ull)),
+                   wbroker::FormatBytes(d.value("model_bytes", 0ull)));
   }
-  fmt::print("\n{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>8}\n", "MODEL", "REVISION",
-             "DEVICE", "SIZE", "TENSORS", "LEASES", "STATE", "LOAD");
+  fmt::format_to(to, "\n{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>8}\n", "MODEL", "REVISION",
+                 "DEVICE", "SIZE", "TENSORS", "LEASES", "STATE", "LOAD");
   for (const auto& m : st["models"]) {
     std::string state = m.value("state", "");
     if (state == "loading" && m.contains("progress")) {
       auto done = m["progress"].value("done_bytes", 0ull), total = m["progress"].value("total_bytes", 0ull);
       if (total) state += fmt::format(" {}%", done * 100 / total);
     }
-    fmt::print("{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>7.2f}s\n", m.value("model", ""),
-               Short(m.value("revision", "")), m.value("device", ""),
-               wbroker::FormatBytes(m.value("bytes", 0ull)), m.value("tensors", 0),
-               m.value("leases", 0), state, m.value("load_seconds", 0.0));
-    if (m.contains("error")) fmt::print("    error: {}\n", m["error"].get<std::string>());
+    fmt::format_to(to, "{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>7.2f}s\n",
+                   m.value("model", ""), Short(m.value("revision", "")), m.value("device", ""),
+                   wbroker::FormatBytes(m.value("bytes", 0ull)), m.value("tensors", 0),
+                   m.value("leases", 0), state, m.value("load_seconds", 0.0));
+    if (m.contains("error")) fmt::format_to(to, "    error: {}\n", m["error"].get<std::string>());
   }
-  fmt::print("\n{:<8} {:<8} {:<8} {:<24} {:>6}\n", "CLIENT", "PID", "UID", "NAME", "LEASES");
+  fmt::format_to(to, "\n{:<8} {:<8} {:<8} {:<24} {:>6}\n", "CLIENT", "PID", "UID", "NAME",
+                 "LEASES");
   for (const auto& c : st["clients"]) {
-    fmt::print("{:<8} {:<8} {:<8} {:<24} {:>6}\n", c.value("id", 0), c.value("pid", 0),
-               c.value("uid", 0), c.value("client", ""), c.value("leases", 0));
+    fmt::format_to(to, "{:<8} {:<8} {:<8} {:<24} {:>6}\n", c.value("id", 0), c.value("pid", 0),
+                   c.value("uid", 0), c.value("client", ""), c.value("leases", 0));
+  }
+  return out;
+}
+
+/// The Status a broker reply stands for (its "ok", else its "error").
+Status ReplyStatus(const json& body) {
+  if (body.value("ok", false)) return Status::Ok();
+  auto err = body.find("error");
+  if (err == body.end() || !err->is_object())
+    return Status(wbroker::ErrorCode::kProtocol, "broker reply has neither ok nor error");
+  return Status(wbroker::ErrorCodeFromName(err->value("code", "internal"))
+                    .value_or(wbroker::ErrorCode::kInternal),
+                err->value("message", "(no message)"));
+}
+
+/// Connects and says hello like wbroker::client::Client, but keeps the socket
+/// itself: a load with progress answers one request with several frames.
+wbroker::Result<wbroker::UniqueFd> ConnectRaw(const std::string& socket_path) {
+  const std::string path = socket_path.empty() ? wbroker::DefaultSocketPath() : socket_path;
+  WB_ASSIGN_OR_RETURN(wbroker::UniqueFd fd, wbroker::ConnectUnixSocket(path));
+  WB_RETURN_IF_ERROR(wbroker::WriteFrameBlocking(fd.get(), {{"op", "hello"},
+                                                            {"id", 1},
+                                                            {"protocol", wbroker::kProtocolVersion},
+                                                            {"client", "wbrokerctl"}}));
+  WB_ASSIGN_OR_RETURN(wbroker::Frame hello,
+                      wbroker::ReadFrameBlocking(fd.get(), wbroker::kDefaultMaxFrameBytes, 0));
+  WB_RETURN_IF_ERROR(ReplyStatus(hello.body));
+  return fd;
+}
+
+/// Columns of the terminal on `fd` (80 when it does not say).
+size_t TerminalWidth(int fd) {
+  winsize ws{};
+  // TIOCGWINSZ: the window size the terminal emulator reports, so the bar fits.
+  if (::ioctl(fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  return 80;
+}
+
+/// `wbrokerctl load`: asks for progress events when someone watches (a
+/// terminal on stderr: a live bar; --json: one event per line on stdout),
+/// then prints the outcome. Exit status 1 with "load SPEC failed: ..." on failure.
+int RunLoad(const std::string& socket_path, const std::string& spec, const std::string& dtype,
+            const std::string& device, bool as_json) {
+  const bool bar = !as_json && ::isatty(STDERR_FILENO) == 1;
+  auto fd = ConnectRaw(socket_path);
+  if (!fd.ok()) return Fail(fd.status());
+  auto ms = wbroker::ParseModelSpec(spec);
+  if (!ms.ok()) return Fail(ms.status());
+  const json id = 2;
+  json req = {{"op", "load"}, {"id", id}, {"model", ms->model}, {"revision", ms->revision}};
+  if (!dtype.empty()) req["dtype"] = dtype;
+  if (!device.empty()) req["device"] = device;
+  if (as_json || bar) req["progress"] = true;
+  auto failed = [&](const std::string& message) {
+    if (bar) std::fputs("\r\033[K", stderr);
+    return Fail(fmt::format("load {} failed: {}", spec, message));
+  };
+  auto emit = [](json body) {
+    body.erase("id");
+    body.erase("ok");
+    std::cout << body.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
+  };
+  if (Status st = wbroker::WriteFrameBlocking(fd->get(), req); !st.ok())
+    return failed(st.message());
+  bool final_seen = false;
+  for (;;) {
+    auto frame = wbroker::ReadFrameBlocking(fd->get(), wbroker::kDefaultMaxFrameBytes, 0);
+    if (!frame.ok())
+      return failed(frame.status().code() == wbroker::ErrorCode::kUnavailable
+                        ? "lost connection to wbrokerd: " + frame.status().message()
+                        : frame.status().message());
+    json& body = frame->body;
+    // Frames without an id (a notice before the broker closes) end the request too.
+    if (auto rid = body.find("id"); rid != body.end() && *rid != id) continue;
+    if (auto ev = body.find("event"); ev != body.end() && !body.contains("ok")) {
+      const std::string kind = ev->is_string() ? ev->get<std::string>() : "";
+      final_seen |= kind == "ready" || kind == "failed";
+      if (as_json) {
+        emit(body);
+      } else if (bar && kind == "progress") {
+        std::fprintf(
+            stderr, "\r%s\033[K",
+            wbroker::tools::RenderProgressLine(body, TerminalWidth(STDERR_FILENO) - 1).c_str());
+        std::fflush(stderr);
+      }
+      continue;
+    }
+    if (bar) std::fputs("\r\033[K", stderr);
+    Status st = ReplyStatus(body);
+    if (!st.ok()) {
+      // A broker without progress events (or a refusal before any) still
+      // gets a final line on stdout in --json mode.
+      if (as_json && !final_seen)
+        emit({{"event", "failed"},
+              {"model", ms->model},
+              {"revision", ms->revision},
+              {"error", {{"code", wbroker::ErrorCodeName(st.code())}, {"message", st.message()}}}});
+      return failed(st.message());
+    }
+    if (as_json) {
+      if (!final_seen) {
+        body["event"] = "ready";
+        emit(body);
+      }
+      return 0;
+    }
+    fmt::print("loaded {} @ {}: {} tensors, {} in {:.2f}s{}\n", body.value("model", ""),
+               body.value("revision", ""), body.value("tensors", 0),
+               wbroker::FormatBytes(body.value("bytes", 0ull)), body.value("load_seconds", 0.0),
+               device.empty() ? "" : " on " + body.value("device", device));
+    return 0;
+  }
+}
+
+/// `wbrokerctl status --watch`: redraws every `interval` seconds (a cleared
+/// screen on a terminal, plain repeated output otherwise) until SIGINT or
+/// SIGTERM, then exits 0. A broker that goes away is retried each round.
+int WatchStatus(const std::string& socket_path, double interval, bool as_json) {
+  // Block the stop signals and take them with sigtimedwait(), which doubles as
+  // the pause between rounds: no handler, and Ctrl-C ends the wait at once.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  ::sigprocmask(SIG_BLOCK, &stop, nullptr);
+  const bool tty = ::isatty(STDOUT_FILENO) == 1;
+  wbroker::client::ClientOptions opts;
+  opts.socket_path = socket_path;
+  opts.client_name = "wbrokerctl";
+  // A hung broker must not hold the loop: signals are only taken between rounds.
+  opts.timeout = std::chrono::seconds(10);
+  std::unique_ptr<wbroker::client::Client> client;
+  for (;;) {
+    std::string error;
+    json st;
+    if (!client) {
+      auto c = wbroker::client::Client::Connect(opts);
+      if (c.ok())
+        client = std::move(c).value();
+      else
+        error = c.status().message();
+    }
+    if (client) {
+      auto r = client->Call({{"op", "status"}});
+      if (r.ok()) {
+        st = std::move(r).value();
+        st.erase("id");
+        st.erase("ok");
+      } else {
+        error = r.status().message();
+        client.reset();  // reconnect next round
+      }
+    }
+    const auto now = std::chrono::system_clock::now();
+    if (as_json) {
+      if (error.empty())
+        std::cout << st.dump() << std::endl;
+      else
+        std::cerr << "wbrokerctl: " << error << std::endl;
+    } else {
+      std::string screen =
+          fmt::format("Every {}s: wbrokerctl status    {:%Y-%m-%d %H:%M:%S}\n\n", interval,
+                      fmt::localtime(std::chrono::system_clock::to_time_t(now)));
+      screen += error.empty() ? FormatStatus(st) : "wbrokerctl: " + error + "\n";
+      // ESC[H ESC[2J: cursor home and clear, as watch(1) does.
+      if (tty)
+        std::fputs("\033[H\033[2J", stdout);
+      else
+        screen += "\n";
+      std::fputs(screen.c_str(), stdout);
+      std::fflush(stdout);
+    }
+    timespec wait{};
+    wait.tv_sec = static_cast<time_t>(interval);
+    wait.tv_nsec = static_cast<long>((interval - std::floor(interval)) * 1e9);
+    int sig = ::sigtimedwait(&stop, nullptr, &wait);
+    if (sig == SIGINT || sig == SIGTERM) return 0;
   }
 }
 
@@ -76,6 +264,13 @@ int main(int argc, char** argv) try {
   app.fallthrough();
 
   auto* status = app.add_subcommand("status", "models, devices and clients of the broker");
+  bool watch = false;
+  double interval = 2.0;
+  status->add_flag("--watch", watch, "redraw every --interval seconds until Ctrl-C (like watch)");
+  status->add_option("--interval", interval, "seconds between redraws with --watch (default 2)")
+      ->check(CLI::Range(0.1, 86400.0));
+  auto* metrics = app.add_subcommand(
+      "metrics", "the broker's Prometheus metrics (the text its /metrics endpoint serves)");
   std::string spec;
   auto* load = app.add_subcommand("load", "load MODEL[@REV] and wait until it is ready");
   load->add_option("model", spec, "MODEL[@REV]")->required();
@@ -124,6 +319,9 @@ int main(int argc, char** argv) try {
     return 0;
   }
 
+  if (status->parsed() && watch) return WatchStatus(socket_path, interval, as_json);
+  if (load->parsed()) return RunLoad(socket_path, spec, dtype, device, as_json);
+
   wbroker::client::ClientOptions opts;
   opts.socket_path = socket_path;
   opts.client_name = "wbrokerctl";
@@ -136,28 +334,23 @@ int main(int argc, char** argv) try {
     st->erase("id");
     st->erase("ok");
     if (as_json) std::cout << st->dump(2) << "\n";
-    else PrintStatus(*st);
+    else
+      std::fputs(FormatStatus(*st).c_str(), stdout);
+    return 0;
+  }
+  if (metrics->parsed()) {
+    auto r = (*client)->Call({{"op", "metrics"}});
+    if (!r.ok()) return Fail(r.status());
+    r->erase("id");
+    r->erase("ok");
+    if (as_json)
+      std::cout << r->dump(2) << "\n";
+    else
+      std::fputs(r->value("text", "").c_str(), stdout);
     return 0;
   }
   auto ms = wbroker::ParseModelSpec(spec);
   if (!ms.ok()) return Fail(ms.status());
-  if (load->parsed()) {
-    json req = {{"op", "load"}, {"model", ms->model}, {"revision", ms->revision}};
-    if (!dtype.empty()) req["dtype"] = dtype;
-    if (!device.empty()) req["device"] = device;
-    auto r = (*client)->Call(req);
-    if (!r.ok()) return Fail(fmt::format("load {} failed: {}", spec, r.status().message()));
-    if (as_json) {
-      r->erase("id");
-      std::cout << r->dump(2) << "\n";
-    } else {
-      fmt::print("loaded {} @ {}: {} tensors, {} in {:.2f}s{}\n", r->value("model", ""),
-                 r->value("revision", ""), r->value("tensors", 0),
-                 wbroker::FormatBytes(r->value("bytes", 0ull)), r->value("load_seconds", 0.0),
-                 device.empty() ? "" : " on " + r->value("device", device));
-    }
-    return 0;
-  }
   if (unload->parsed()) {
     json req = {{"op", "unload"}, {"model", ms->model}, {"revision", ms->revision}, {"force", force}};
     if (!device.empty()) req["device"] = device;

@@ -7,6 +7,10 @@
 //   bytes 8-11  body length, little-endian, <= the receiver's max frame size
 // File descriptors (SCM_RIGHTS) travel only with the first byte of a frame's
 // header; the JSON body says how many to expect ("fds": N).
+// Each request ("op", "id") gets one reply, which carries "ok". A request may
+// opt into events first (a `load` with "progress": true): frames with an
+// "event" key and no "ok", echoing the request's "id", all before its reply
+// (format in docs/operations.md, "Load progress").
 #pragma once
 
 #include <array>
