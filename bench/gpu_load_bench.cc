@@ -59,6 +59,7 @@
 #include "wbroker/cuda/driver.h"
 #include "wbroker/cuda/resources.h"
 #include "bench_util.h"
+#include "wbroker/common/version.h"
 
 namespace {
 

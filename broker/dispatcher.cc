@@ -11,6 +11,7 @@
 #include "progress_stream.h"
 #include "server.h"
 #include "wbroker/common/frame.h"
+#include "wbroker/common/version.h"
 
 namespace wbroker::broker {
 namespace {

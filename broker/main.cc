@@ -13,6 +13,7 @@
 #include "metrics.h"
 #include "model_loader.h"
 #include "wbroker/common/size_units.h"
+#include "wbroker/common/version.h"
 
 namespace {
 

@@ -19,6 +19,7 @@
 
 #include "host_backend.h"
 #include "server.h"
+#include "wbroker/common/version.h"
 
 namespace wbroker::broker {
 namespace {

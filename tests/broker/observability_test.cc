@@ -24,6 +24,7 @@
 #include "session.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/unique_fd.h"
+#include "wbroker/common/version.h"
 
 namespace wbroker::broker {
 namespace {

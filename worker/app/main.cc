@@ -28,6 +28,7 @@
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/hf_cache.h"
+#include "wbroker/common/version.h"
 #include "wbroker/http/http_server.h"
 #include "wbroker/http/listen_address.h"
 
