@@ -5,6 +5,40 @@
 #include <cstring>
 
 namespace wbroker {
+namespace {
+
+// Deepest nesting of objects and arrays a frame body may have. Real messages
+// nest a few levels (a manifest row's shape is the fourth), but nlohmann's
+// copy, comparison and dump recurse once per level: a peer's "[[[[...]]]]" of
+// a few MiB would overflow the stack of whoever copies or echoes it (the
+// broker echoes "id" in every reply).
+constexpr size_t kMaxBodyDepth = 64;
+
+// True when `text` nests '[' and '{' (outside strings) deeper than `limit`.
+// Exact for valid JSON; for anything else the parser reports its own error.
+bool NestsDeeperThan(std::string_view text, size_t limit) {
+  size_t depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // the escaped character cannot end the string
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) return true;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return false;
+}
+
+}  // namespace
 
 std::array<char, kFrameHeaderBytes> EncodeFrameHeader(uint32_t length) {
   std::array<char, kFrameHeaderBytes> h{};
@@ -49,6 +83,10 @@ Result<std::string> EncodeFrame(const nlohmann::json& message, uint32_t max_body
 }
 
 Result<nlohmann::json> DecodeFrameBody(std::string_view body) {
+  if (NestsDeeperThan(body, kMaxBodyDepth))
+    return Status(
+        ErrorCode::kProtocol,
+        fmt::format("frame body nests objects/arrays deeper than {} levels", kMaxBodyDepth));
   nlohmann::json j = nlohmann::json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Status(ErrorCode::kProtocol, "frame body is not valid JSON");
   if (!j.is_object()) return Status(ErrorCode::kProtocol, "frame body is not a JSON object");

@@ -23,6 +23,12 @@ constexpr std::string_view kIndexName = "model.safetensors.index.json";
 constexpr std::string_view kSingleName = "model.safetensors";
 // Real index files are tens of KiB to a few MiB; anything this big is not one.
 constexpr uint64_t kMaxIndexBytes = 64ull << 20;
+// Real index files nest two levels ({"weight_map": {...}}). Without a limit a
+// file of 64 MiB of '[' costs the parser gigabytes (a node per level).
+constexpr int kMaxIndexDepth = 64;
+
+// Thrown from the parse callback to stop at the first level too deep.
+struct IndexTooDeep {};
 
 // Returns an error naming the problem when `name` is not a plain relative path.
 std::optional<std::string> BadShardName(std::string_view name) {
@@ -131,8 +137,11 @@ Result<ShardIndex> ParseShardIndex(std::string_view label, std::string_view json
   std::vector<std::set<std::string>> keys_stack;
   std::string duplicate;
   nlohmann::json::parser_callback_t on_event =
-      [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+      [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
         using E = nlohmann::json::parse_event_t;
+        if ((event == E::object_start || event == E::array_start) && depth >= kMaxIndexDepth) {
+          throw IndexTooDeep{};
+        }
         if (event == E::object_start) {
           keys_stack.emplace_back();
         } else if (event == E::object_end) {
@@ -149,6 +158,8 @@ Result<ShardIndex> ParseShardIndex(std::string_view label, std::string_view json
     doc = nlohmann::json::parse(json.begin(), json.end(), on_event);
   } catch (const nlohmann::json::exception& e) {
     return corrupt(fmt::format("invalid JSON: {}", e.what()));
+  } catch (const IndexTooDeep&) {
+    return corrupt(fmt::format("JSON nests deeper than {} levels", kMaxIndexDepth));
   }
   if (!duplicate.empty())
     return corrupt(fmt::format("duplicate key \"{}\" in a JSON object", duplicate));
