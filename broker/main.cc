@@ -4,9 +4,13 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
-#include <cstdio>
-#include <cstdlib>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <cstdio>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 
 #include "broker.h"
 #include "config.h"
@@ -22,6 +26,30 @@ using wbroker::broker::BrokerConfig;
 int Fail(const std::string& message) {
   std::fprintf(stderr, "wbrokerd: %s\n", message.c_str());
   return 1;
+}
+
+/// Raises the soft limit on open files to the hard one. Every client
+/// connection and every arena holds an fd, and service managers and container
+/// runtimes often start processes with a soft limit of 1024, below the
+/// default max_connections; raising the soft limit needs no privilege.
+void RaiseOpenFileLimit(size_t max_connections) {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    const rlim_t before = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &rl) == 0) {
+      spdlog::debug("open-file limit raised from {} to {}", before, rl.rlim_cur);
+    } else {
+      rl.rlim_cur = before;
+      spdlog::warn("cannot raise the open-file limit from {}: {}", before, std::strerror(errno));
+    }
+  }
+  if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < max_connections + 64)
+    spdlog::warn(
+        "the open-file limit ({}) is below max_connections ({}) plus room for arenas: "
+        "connections beyond it will be refused; raise LimitNOFILE= or lower max_connections",
+        rl.rlim_cur, max_connections);
 }
 
 }  // namespace
@@ -114,6 +142,8 @@ int main(int argc, char** argv) try {
   spdlog::set_level(level);
   // Under systemd the journal adds its own timestamps.
   if (std::getenv("JOURNAL_STREAM") != nullptr) spdlog::set_pattern("[%l] %v");
+
+  RaiseOpenFileLimit(cfg.max_connections);
 
   boost::asio::io_context io(1);
   auto broker = wbroker::broker::Broker::Create(io, cfg);
