@@ -218,6 +218,19 @@ Result<std::optional<std::string>> ReadRef(const fs::path& repo_dir, std::string
   fs::path ref_path = repo_dir / "refs" / fs::path(std::string(revision));
   std::error_code ec;
   if (!fs::is_regular_file(ref_path, ec)) return std::optional<std::string>();
+  // A ref is read and quoted back to clients in errors, so like snapshot
+  // files it must not lead out of the repo folder through a symlink.
+  fs::path root = fs::canonical(repo_dir, ec);
+  if (ec)
+    return Status(ErrorCode::kIo,
+                  fmt::format("repo folder {}: {}", repo_dir.string(), ec.message()));
+  WB_ASSIGN_OR_RETURN(fs::path resolved, ResolveAllLinks(ref_path));
+  if (!IsInside(resolved, root)) {
+    return Status(ErrorCode::kPermissionDenied,
+                  fmt::format("ref file {} of {} refused: it resolves to {}, which leaves the repo "
+                              "folder {}",
+                              ref_path.string(), model, resolved.string(), root.string()));
+  }
   // A ref holds 40 hex digits and maybe a newline; 4 KiB is plenty to tell garbage.
   WB_ASSIGN_OR_RETURN(std::string content, ReadSmallFile(ref_path, 4096));
   std::string_view commit = TrimWhitespace(content);

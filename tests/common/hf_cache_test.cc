@@ -427,6 +427,27 @@ TEST_F(ResolveModelTest, RevisionCannotEscapeRefs) {
   }
 }
 
+TEST_F(ResolveModelTest, RefSymlinkLeavingTheRepoIsRefused) {
+  std::string c = repo_.AddCommit({{"config.json", "{}"}});
+  // A file outside the repo: a link to it must be refused even when it holds
+  // a valid commit, and what it holds must not be quoted back.
+  WriteFile(tmp_.path() / "outside", c + "\n");
+  fs::create_directories(repo_.repo_dir() / "refs");
+  fs::create_symlink(tmp_.path() / "outside", repo_.repo_dir() / "refs/escape");
+  auto r = ResolveModel(cache(), "org/name", "escape");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kPermissionDenied);
+  EXPECT_THAT(r.status().message(), HasSubstr("leaves the repo folder"));
+  EXPECT_THAT(r.status().message(), Not(HasSubstr(c)));
+
+  // A link that stays inside the repo folder is followed.
+  WriteFile(repo_.repo_dir() / "refs/main", c);
+  fs::create_symlink("main", repo_.repo_dir() / "refs/alias");
+  auto ok = ResolveModel(cache(), "org/name", "alias");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->commit, c);
+}
+
 TEST_F(ResolveModelTest, RefusesIdsThatAreNeitherRepoIdNorAbsolutePath) {
   for (const char* model : {"a/b/c", "./models/x", "models/../x", "org--x/y", ""}) {
     auto r = ResolveModel(cache(), model, "");
