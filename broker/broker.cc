@@ -6,6 +6,9 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <set>
+#include <utility>
+
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/size_units.h"
 
@@ -34,6 +37,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   ropts.on_load_finished = [metrics = b->metrics_.get()](const ModelEntry& e) {
     metrics->ObserveLoad(e);
   };
+  Broker* self = b.get();
   for (const auto& spec : specs) {
     DeviceSlot slot;
     slot.spec = spec;
@@ -54,7 +58,12 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                     fmt::format("dtype = \"{}\": the {} backend cannot convert dtypes",
                                 config.dtype, slot.backend->name()));
     slot.budget = std::make_unique<MemoryBudget>(config.max_memory);
-    slot.registry = std::make_unique<ModelRegistry>(io, *slot.backend, *slot.budget, ropts);
+    RegistryOptions device_opts = ropts;
+    device_opts.on_superseded = [self, device = slot.backend->device()](
+                                    const ModelEntry& old, const ModelEntry& replacement) {
+      if (self->dispatcher_) self->dispatcher_->NotifySuperseded(old, replacement, device);
+    };
+    slot.registry = std::make_unique<ModelRegistry>(io, *slot.backend, *slot.budget, device_opts);
     b->metrics_->AddDevice(slot.backend.get(), slot.registry.get());
     b->devices_.push_back(std::move(slot));
   }
@@ -69,6 +78,9 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   ctx.started = std::chrono::steady_clock::now();
   ctx.default_cast = b->default_cast_;
   ctx.metrics = b->metrics_.get();
+  ctx.reload = [self](std::function<void(Result<nlohmann::json>)> done) {
+    self->Reload(std::move(done));
+  };
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
@@ -111,13 +123,133 @@ void Broker::Start() {
 }
 
 void Broker::DoSignals() {
-  signals_.add(SIGTERM);
-  signals_.add(SIGINT);
+  // Adding a signal twice is harmless (the set ignores it); DoSignals re-arms
+  // the wait after each SIGHUP.
+  boost::system::error_code ec;
+  signals_.add(SIGTERM, ec);
+  signals_.add(SIGINT, ec);
+  signals_.add(SIGHUP, ec);
   signals_.async_wait([this](const boost::system::error_code& ec, int sig) {
-    if (ec == boost::asio::error::operation_aborted) return;
+    if (ec == boost::asio::error::operation_aborted || stopped_) return;
+    if (sig == SIGHUP) {
+      spdlog::info("received SIGHUP: reloading the preload list");
+      notifier_.Reloading();
+      Reload([this](Result<nlohmann::json> summary) {
+        if (summary.ok())
+          spdlog::info("reload done: {}", summary->dump());
+        else
+          spdlog::error("reload failed: {}", summary.status().message());
+        notifier_.Ready(fmt::format("reloaded; {}", summary.ok() ? "ok" : "failed"));
+      });
+      DoSignals();  // keep listening
+      return;
+    }
     spdlog::info("received {}, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     Stop();
   });
+}
+
+void Broker::Reload(std::function<void(Result<nlohmann::json>)> done) {
+  std::vector<PreloadEntry> wanted;
+  if (!config_.config_file.empty()) {
+    auto fresh = LoadConfigFile(config_.config_file);
+    // A config that does not parse changes nothing: the broker keeps serving.
+    if (!fresh.ok()) return done(fresh.status().WithContext("reload"));
+    wanted = fresh->preload;
+  }
+  wanted.insert(wanted.end(), config_.cli_preload.begin(), config_.cli_preload.end());
+  const auto cache_dir = config_.cache_dir.empty() ? HubCacheDir() : config_.cache_dir;
+
+  // Shared by every pending change; replies when the last one ends.
+  struct Pending {
+    nlohmann::json rows = nlohmann::json::array();
+    size_t left = 1;  // the loop below holds one until it is done
+    std::function<void(Result<nlohmann::json>)> done;
+    std::vector<PreloadEntry> wanted;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->done = std::move(done);
+  pending->wanted = wanted;
+  auto finish_one = [this, pending] {
+    if (--pending->left != 0) return;
+    config_.preload = pending->wanted;
+    pending->done(nlohmann::json{{"preloads", pending->rows}});
+  };
+
+  // (registry, entry key) of every preload wanted now, to unpin the others.
+  std::set<std::pair<ModelRegistry*, std::string>> kept;
+  for (const auto& p : wanted) {
+    const std::string label = p.model + "@" + (p.revision.empty() ? "main" : p.revision);
+    auto resolved = ResolveModel(cache_dir, p.model, p.revision);
+    std::optional<DType> cast = default_cast_;
+    Status bad;
+    if (!p.dtype.empty()) {
+      auto d = ParseCastDType(p.dtype);
+      if (d.ok())
+        cast = *d;
+      else
+        bad = d.status();
+    }
+    auto dev = dispatcher_->FindDevice(p.device);
+    if (!dev.ok()) bad = dev.status();
+    if (!resolved.ok()) bad = resolved.status();
+    if (!bad.ok()) {
+      spdlog::error("reload: preload {}: {}", label, bad.message());
+      pending->rows.push_back({{"model", p.model},
+                               {"requested", label},
+                               {"action", "failed"},
+                               {"error", bad.message()}});
+      continue;
+    }
+    ModelRegistry* registry = (*dev)->registry;
+    auto current = registry->Get(*resolved, cast);
+    bool other_revision_pinned = false;
+    for (const auto& e : registry->Find(resolved->model)) {
+      if (e->pinned && e->cast_to == cast && e->resolved.commit != resolved->commit &&
+          e->superseded_by.empty())
+        other_revision_pinned = true;
+    }
+    std::string action = current && current->state == ModelState::kReady && !other_revision_pinned
+                             ? "unchanged"
+                         : other_revision_pinned ? "replace"
+                                                 : "load";
+    ++pending->left;
+    auto report = [pending, finish_one, model = p.model,
+                   action](Result<std::shared_ptr<ModelEntry>> e) {
+      nlohmann::json row = {{"model", model}, {"action", action}};
+      if (e.ok()) {
+        row["revision"] = (*e)->resolved.commit;
+      } else {
+        row["action"] = "failed";
+        row["error"] = e.status().message();
+      }
+      pending->rows.push_back(std::move(row));
+      finish_one();
+    };
+    if (action == "replace") {
+      registry->Replace(*resolved, cast, ReplaceOptions{/*pin=*/true, /*allow_downtime=*/false},
+                        report);
+    } else {
+      registry->Acquire(*resolved, cast, /*allow_load=*/true, /*pin=*/true, report,
+                        /*exact_commit=*/true);
+    }
+    kept.insert({registry, ModelKey(*resolved, cast)});
+  }
+  // Preloads no longer listed stay loaded but may now be evicted or unloaded.
+  for (auto& d : devices_) {
+    for (const auto& e : d.registry->Entries()) {
+      if (!e->pinned || kept.count({d.registry.get(), e->key})) continue;
+      // Replacements in flight unpin their old revisions themselves.
+      bool being_replaced = false;
+      for (const auto& p : pending->wanted) being_replaced |= p.model == e->resolved.model;
+      if (being_replaced) continue;
+      d.registry->SetPinned(e->resolved, e->cast_to, false);
+      spdlog::info("reload: {} is no longer preloaded (unpinned; evictable)", e->key);
+      pending->rows.push_back(
+          {{"model", e->resolved.model}, {"revision", e->resolved.commit}, {"action", "unpinned"}});
+    }
+  }
+  finish_one();
 }
 
 void Broker::DoWatchdog() {

@@ -2,6 +2,7 @@
 // service-manager integration and preloads.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,10 @@ class Broker {
   void DoPreload();
   void DoWatchdog();
   void DoSignals();
+  /// Re-reads the config file and applies its preload list: new revisions
+  /// replace the loaded ones (hot swap), new entries load, dropped ones are
+  /// unpinned. `done` gets a summary once every change has finished.
+  void Reload(std::function<void(Result<nlohmann::json>)> done);
   void Announce();
 
   boost::asio::io_context& io_;               ///< the event loop
@@ -56,7 +61,7 @@ class Broker {
   /// Prometheus metrics; declared after what it reads, so it goes first.
   std::unique_ptr<BrokerMetrics> metrics_;
   SystemdNotifier notifier_;                  ///< sd_notify
-  boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT
+  boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT (stop), SIGHUP (reload)
   boost::asio::steady_timer watchdog_timer_;  ///< WATCHDOG=1 pings
   size_t preloads_pending_ = 0;               ///< READY when it reaches 0
   std::optional<DType> default_cast_;         ///< config `dtype`

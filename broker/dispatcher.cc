@@ -33,6 +33,16 @@ json Reply(const json& req) {
   return r;
 }
 
+// True when the request's "revision" is (a prefix of) the commit it resolved
+// to: such an attach wants exactly that revision, not its replacement.
+bool NamesCommit(const json& req, const ResolvedModel& resolved) {
+  auto it = req.find("revision");
+  if (it == req.end() || !it->is_string()) return false;
+  const std::string rev = it->get<std::string>();
+  return rev.size() >= 7 && !resolved.commit.empty() && resolved.commit.rfind(rev, 0) == 0 &&
+         rev.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
 json IdOf(const json& req) {
   auto it = req.find("id");
   return it == req.end() ? json() : *it;
@@ -65,6 +75,7 @@ void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
   if (op == "ping") return s->Send(Reply(req));
   if (op == "load") return DoLoad(s, req);
   if (op == "unload") return DoUnload(s, req);
+  if (op == "reload") return DoReload(s, req);
   if (op == "metrics") {
     // Open to every peer, like status: the same figures, in Prometheus text.
     json r = Reply(req);
@@ -93,8 +104,22 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
     return;
   }
   auto name = OptString(req, "client");
+  // "events": the unsolicited events this client handles (protocol 1 clients
+  // that do not ask never see one).
+  json events = json::array();
+  if (auto ev = req.find("events"); ev != req.end()) {
+    if (!ev->is_array()) {
+      s->SendError(IdOf(req),
+                   Status(ErrorCode::kInvalidArgument, "\"events\" must be a list of event names"));
+      return;
+    }
+    for (const auto& name : *ev) {
+      if (name.is_string() && s->Subscribe(name.get<std::string>())) events.push_back(name);
+    }
+  }
   s->set_hello(name.ok() ? name->substr(0, 128) : "");
   json r = Reply(req);
+  r["events"] = std::move(events);
   r["protocol"] = kProtocolVersion;
   r["broker"] = {{"version", WBROKER_VERSION},
                  {"build", WBROKER_GIT_DESCRIBE},
@@ -110,7 +135,7 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
   }
   r["connection"] = s->id();
   // Opt-in additions to protocol 1 that this broker understands.
-  r["features"] = {"load_progress", "metrics"};
+  r["features"] = {"load_progress", "metrics", "replace", "reload", "superseded_events"};
   s->Send(std::move(r));
 }
 
@@ -185,7 +210,8 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
         body += e->manifest_text;
         body += '}';
         s->SendRaw(std::move(body), std::move(fds));
-      });
+      },
+      NamesCommit(req, *resolved));
 }
 
 void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {
@@ -238,21 +264,32 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const DeviceArena* dev = *arena;
   if (stream) stream->SetTarget(resolved->model, resolved->commit, dev->backend->device());
   std::weak_ptr<Session> weak = s;
-  dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false,
-                         [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
-                           if (stream) stream->Finish(entry);
-                           auto s = weak.lock();
-                           if (!s || s->closed()) return;
-                           if (!entry.ok()) return s->SendError(id, entry.status());
-                           json r = Reply(req);
-                           r["model"] = (*entry)->resolved.model;
-                           r["revision"] = (*entry)->resolved.commit;
-                           r["device"] = dev->backend->device();
-                           r["bytes"] = (*entry)->loaded.arena->size();
-                           r["tensors"] = (*entry)->loaded.tensors.size();
-                           r["load_seconds"] = (*entry)->loaded.seconds;
-                           s->Send(std::move(r));
-                         });
+  auto done = [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
+    if (stream) stream->Finish(entry);
+    auto s = weak.lock();
+    if (!s || s->closed()) return;
+    if (!entry.ok()) return s->SendError(id, entry.status());
+    json r = Reply(req);
+    r["model"] = (*entry)->resolved.model;
+    r["revision"] = (*entry)->resolved.commit;
+    r["device"] = dev->backend->device();
+    r["bytes"] = (*entry)->loaded.arena->size();
+    r["tensors"] = (*entry)->loaded.tensors.size();
+    r["load_seconds"] = (*entry)->loaded.seconds;
+    s->Send(std::move(r));
+  };
+  const bool replace = req.value("replace", false) == true;
+  const bool allow_downtime = req.value("allow_downtime", false) == true;
+  if (replace) {
+    spdlog::info("client {} (pid {} uid {}): load {}@{} replacing the loaded revisions{}", s->id(),
+                 s->peer().pid, s->peer().uid, resolved->model, resolved->commit,
+                 allow_downtime ? " (downtime allowed)" : "");
+    dev->registry->Replace(*resolved, *cast, ReplaceOptions{false, allow_downtime},
+                           std::move(done));
+  } else {
+    dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false, std::move(done),
+                           NamesCommit(req, *resolved));
+  }
   // Still loading (Acquire has not answered yet): sample it until it ends.
   if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(*resolved, *cast));
 }
@@ -315,6 +352,30 @@ void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
     for (auto& k : (*result)["draining"]) r["draining"].push_back(std::move(k));
   }
   s->Send(std::move(r));
+}
+
+void Dispatcher::DoReload(const std::shared_ptr<Session>& s, const json& req) {
+  const json id = IdOf(req);
+  if (Status admin = CheckAdmin(*s, "reload"); !admin.ok()) return s->SendError(id, admin);
+  if (!ctx_.reload)
+    return s->SendError(id, Status(ErrorCode::kUnsupported, "this broker cannot reload"));
+  spdlog::info("client {} (pid {} uid {}): reload", s->id(), s->peer().pid, s->peer().uid);
+  std::weak_ptr<Session> weak = s;
+  ctx_.reload([weak, id, req](Result<json> summary) {
+    auto s = weak.lock();
+    if (!s || s->closed()) return;
+    if (!summary.ok()) return s->SendError(id, summary.status());
+    json r = Reply(req);
+    r.update(*summary);
+    s->Send(std::move(r));
+  });
+}
+
+void Dispatcher::NotifySuperseded(const ModelEntry& old, const ModelEntry& replacement,
+                                  const std::string& device) {
+  if (!ctx_.server) return;
+  ctx_.server->ForEachSession(
+      [&](Session& session) { session.NotifySuperseded(old, replacement, device); });
 }
 
 Result<const DeviceArena*> Dispatcher::FindDevice(const std::string& name) const {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -34,6 +35,9 @@ struct DispatcherContext {
   std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
   BrokerMetrics* metrics = nullptr;               ///< error counts and the `metrics` verb
+  /// Re-reads the config and applies its preload list (the `reload` verb and
+  /// SIGHUP); calls back with a summary or the reason it could not.
+  std::function<void(std::function<void(Result<nlohmann::json>)>)> reload;
 };
 
 /// Implements every protocol verb: hello, attach, release, status, load (with
@@ -46,6 +50,10 @@ class Dispatcher final : public RequestHandler {
   void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) override;
   void SessionClosed(const Session& session) override;
   void ErrorSent(const Status& status) override;
+
+  /// Tells every subscribed client holding `old` that `replacement` took its place.
+  void NotifySuperseded(const ModelEntry& old, const ModelEntry& replacement,
+                        const std::string& device);
 
   /// The status document (also used for the STATUS= line).
   nlohmann::json StatusJson() const;
@@ -61,6 +69,7 @@ class Dispatcher final : public RequestHandler {
   void DoRelease(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  void DoReload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
   /// Admin verbs: Ok for root or the broker's own uid; otherwise logs the
   /// refusal (pid, uid) and returns the kPermissionDenied sent to the peer.

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -95,6 +96,8 @@ int main(int argc, char** argv) try {
     auto loaded = wbroker::broker::LoadConfigFile(config_path);
     if (!loaded.ok()) return Fail(loaded.status().message());
     cfg = std::move(loaded).value();
+    // Absolute: `reload` re-reads it whatever the working directory is then.
+    cfg.config_file = std::filesystem::absolute(config_path);
   }
   if (!socket_path.empty()) cfg.socket_path = socket_path;
   if (!socket_group.empty()) cfg.socket_group = socket_group;
@@ -132,6 +135,7 @@ int main(int argc, char** argv) try {
     auto entry = wbroker::broker::ParsePreload(p);
     if (!entry.ok()) return Fail("--preload " + p + ": " + entry.status().message());
     cfg.preload.push_back(*entry);
+    cfg.cli_preload.push_back(*entry);
   }
 
   auto level = spdlog::level::from_str(cfg.log_level);

@@ -93,15 +93,21 @@ class ScrapeCollector final : public prometheus::Collectable {
     auto releases = NewFamily("wbroker_releases_total",
                               "Leases ended, by release requests and by closed connections",
                               MetricType::Counter);
-    double attach_sum = 0, release_sum = 0;
+    auto evictions = NewFamily("wbroker_evictions_total",
+                               "Unleased models evicted (least recently used) to make room",
+                               MetricType::Counter);
+    double attach_sum = 0, release_sum = 0, eviction_sum = 0;
     for (const auto& d : devices_) {
       attach_sum += static_cast<double>(d.registry->attaches_total());
       release_sum += static_cast<double>(d.registry->releases_total());
+      eviction_sum += static_cast<double>(d.registry->evictions_total());
     }
     AddSample(attaches, {}, attach_sum);
     AddSample(releases, {}, release_sum);
+    AddSample(evictions, {}, eviction_sum);
     out.push_back(std::move(attaches));
     out.push_back(std::move(releases));
+    out.push_back(std::move(evictions));
 
     auto bytes =
         NewFamily("wbroker_model_bytes", "Arena bytes of a model on a device (0 until it is ready)",

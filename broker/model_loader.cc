@@ -8,7 +8,9 @@
 
 #include <cctype>
 #include <chrono>
+#include <thread>
 
+#include "wbroker/common/size_units.h"
 #include "wbroker/common/unique_fd.h"
 
 namespace wbroker::broker {
@@ -52,6 +54,30 @@ ArenaPlan PlanArena(const ModelWeights& weights, std::optional<DType> cast_to) {
   return plan;
 }
 
+namespace {
+
+// Reserves `bytes` in the budget, asking options.make_room to evict when it
+// is short, and waiting (kUnavailable) while revisions drain.
+Status ReserveBudget(uint64_t bytes, const std::string& label, const LoaderOptions& options) {
+  const std::string what = "loading " + label;
+  const auto deadline = std::chrono::steady_clock::now() + options.room_wait;
+  for (;;) {
+    Status st = options.budget->TryReserve(bytes, what);
+    if (st.ok() || st.code() != ErrorCode::kResourceExhausted || !options.make_room) return st;
+    Status room = options.make_room(bytes, what);
+    if (room.ok()) continue;  // evicted enough: reserve again (another load may win the race)
+    if (room.code() != ErrorCode::kUnavailable) return room;
+    if (std::chrono::steady_clock::now() >= deadline)
+      return Status(ErrorCode::kResourceExhausted,
+                    fmt::format("{}: gave up after {} s waiting for replaced revisions to be "
+                                "released: {}",
+                                what, options.room_wait.count() / 1000, room.message()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+}  // namespace
+
 Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
                               const LoaderOptions& options) {
   const auto start = std::chrono::steady_clock::now();
@@ -86,8 +112,17 @@ Result<LoadedModel> LoadModel(const ResolvedModel& model, Backend& backend,
   for (auto& job : plan.jobs) job.fd = fds[static_cast<size_t>(job.fd)].get();
 
   const std::string label = model.model + "@" + (model.commit.empty() ? "local" : model.commit);
-  if (options.budget != nullptr)
-    WB_RETURN_IF_ERROR(options.budget->TryReserve(plan.size, "loading " + label));
+  if (options.require_free_memory) {
+    // A replacement loads beside the revision it replaces: both copies must
+    // fit in the device's memory, not only in the budget.
+    const MemoryInfo mem = backend.Memory();
+    if (mem.free_bytes != 0 && mem.free_bytes < plan.size)
+      return Status(
+          ErrorCode::kResourceExhausted,
+          fmt::format("loading {} needs {} but {} has only {} free", label, FormatBytes(plan.size),
+                      backend.device(), FormatBytes(mem.free_bytes)));
+  }
+  if (options.budget != nullptr) WB_RETURN_IF_ERROR(ReserveBudget(plan.size, label, options));
   auto release_budget = [&] {
     if (options.budget != nullptr) options.budget->Release(plan.size);
   };

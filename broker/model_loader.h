@@ -1,6 +1,7 @@
 // wbroker broker: loads one resolved snapshot into one arena.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -52,6 +53,14 @@ struct LoaderOptions {
   MemoryBudget* budget = nullptr;             ///< reserved before allocation when set
   std::optional<DType> cast_to;               ///< convert float tensors (GPU backends)
   LoadProgress* progress = nullptr;           ///< counters the reader threads add to (optional)
+  /// Called when the budget lacks `bytes`: frees room (evicts) and returns Ok
+  /// to retry, kUnavailable to wait and retry, or the error to fail with.
+  std::function<Status(uint64_t bytes, const std::string& what)> make_room;
+  /// Refuse, before allocating, when the device has less free memory than the
+  /// arena needs (a replacement must fit beside the revision it replaces).
+  bool require_free_memory = false;
+  /// How long kUnavailable from make_room may keep the load waiting.
+  std::chrono::milliseconds room_wait{0};
 };
 
 /// Validates the snapshot's weights, reserves budget, allocates, fills and seals.

@@ -2,6 +2,9 @@
 // the load itself runs on the pool and posts its result back.
 #include "model_registry.h"
 
+#include <algorithm>
+#include <future>
+
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -24,15 +27,11 @@ const char* ModelStateName(ModelState state) {
   return "unknown";
 }
 
-namespace {
-
-std::string KeyOf(const ResolvedModel& m, std::optional<DType> cast_to) {
+std::string ModelKey(const ResolvedModel& m, std::optional<DType> cast_to) {
   std::string key = m.model + "@" + (m.commit.empty() ? "local" : m.commit);
   if (cast_to) key += ":" + std::string(DTypeName(*cast_to));
   return key;
 }
-
-}  // namespace
 
 ModelRegistry::ModelRegistry(boost::asio::io_context& io, Backend& backend, MemoryBudget& budget,
                              const RegistryOptions& options)
@@ -44,19 +43,27 @@ ModelRegistry::ModelRegistry(boost::asio::io_context& io, Backend& backend, Memo
       progress_timer_(io) {}
 
 ModelRegistry::~ModelRegistry() {
-  // Loads in flight finish on the pool before members go away.
+  // Loads in flight finish on the pool before members go away; one waiting for
+  // room would wait for the io thread, which no longer runs.
+  stopping_.store(true);
   pool_.join();
 }
 
 void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cast_to,
-                            bool allow_load, bool pin, AcquireCallback done) {
-  const std::string key = KeyOf(model, cast_to);
+                            bool allow_load, bool pin, AcquireCallback done, bool exact_commit) {
+  std::string key = ModelKey(model, cast_to);
+  if (!exact_commit) {
+    // A replaced revision leads to its replacement (chains were collapsed
+    // when they formed, so one step is enough).
+    if (auto r = redirects_.find(key); r != redirects_.end()) key = r->second;
+  }
   auto it = entries_.find(key);
   if (it != entries_.end()) {
     auto entry = it->second;
     if (pin) entry->pinned = true;
     switch (entry->state) {
       case ModelState::kReady:
+        entry->last_used = std::chrono::steady_clock::now();
         done(entry);
         return;
       case ModelState::kLoading:
@@ -66,6 +73,13 @@ void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cas
         });
         return;
       case ModelState::kDraining:
+        if (!entry->superseded_by.empty()) {
+          done(Status(ErrorCode::kFailedPrecondition,
+                      fmt::format("model {} was replaced by {}; attach without a revision (or "
+                                  "with the branch) to get the new one",
+                                  key, entry->superseded_by)));
+          return;
+        }
         done(Status(ErrorCode::kFailedPrecondition,
                     fmt::format("model {} is being unloaded (draining); attach after it is "
                                 "freed or load it again",
@@ -107,6 +121,11 @@ void ModelRegistry::StartLoad(const std::shared_ptr<ModelEntry>& entry) {
     opts.budget = &budget_;
     // The readers only add to these counters; the io thread samples them.
     opts.progress = entry->progress.get();
+    opts.require_free_memory = entry->replacing && !entry->wait_for_drain;
+    opts.room_wait = entry->wait_for_drain ? options_.drain_wait : std::chrono::milliseconds(0);
+    opts.make_room = [this, wait = entry->wait_for_drain](uint64_t bytes, const std::string& what) {
+      return MakeRoomFromLoader(bytes, what, wait);
+    };
     Result<LoadedModel> result = LoadModel(resolved, backend_, opts);
     boost::asio::post(io_, [this, entry, result = std::move(result)]() mutable {
       FinishLoad(entry, std::move(result));
@@ -164,6 +183,7 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
 }
 
 void ModelRegistry::AddLease(const std::shared_ptr<ModelEntry>& entry) {
+  entry->last_used = std::chrono::steady_clock::now();
   ++entry->leases;
   ++entry->attaches;
   attaches_total_.fetch_add(1, std::memory_order_relaxed);
@@ -172,6 +192,7 @@ void ModelRegistry::AddLease(const std::shared_ptr<ModelEntry>& entry) {
 
 void ModelRegistry::ReleaseLease(const std::shared_ptr<ModelEntry>& entry) {
   if (entry->leases > 0) --entry->leases;
+  entry->last_used = std::chrono::steady_clock::now();
   releases_total_.fetch_add(1, std::memory_order_relaxed);
   if (entry->leases == 0 && entry->state == ModelState::kDraining) {
     spdlog::info("last lease of draining {} released: freeing it", entry->key);
@@ -184,8 +205,211 @@ void ModelRegistry::Free(const std::shared_ptr<ModelEntry>& entry) {
   if (entry->loaded.arena) budget_.Release(entry->loaded.arena->size());
   entry->loaded.arena.reset();
   auto it = entries_.find(entry->key);
-  if (it != entries_.end() && it->second == entry) entries_.erase(it);
+  if (it != entries_.end() && it->second == entry) {
+    entries_.erase(it);
+    // Nothing may lead to a freed model: the next attach of a revision it
+    // replaced resolves afresh. (A freed replaced revision keeps leading to
+    // its replacement.)
+    for (auto r = redirects_.begin(); r != redirects_.end();) {
+      if (r->second == entry->key)
+        r = redirects_.erase(r);
+      else
+        ++r;
+    }
+  }
   PublishRows();
+}
+
+Status ModelRegistry::MakeRoom(uint64_t bytes, const std::string& what, bool wait_for_drain) {
+  auto fits = [&] {
+    const uint64_t limit = budget_.limit(), used = budget_.used();
+    return limit == 0 || (bytes <= limit && used <= limit - bytes);
+  };
+  std::vector<std::shared_ptr<ModelEntry>> idle;
+  for (const auto& [key, e] : entries_) {
+    if (e->state == ModelState::kReady && e->leases == 0 && !e->pinned) idle.push_back(e);
+  }
+  std::sort(idle.begin(), idle.end(),
+            [](const auto& a, const auto& b) { return a->last_used < b->last_used; });
+  for (const auto& e : idle) {
+    if (fits()) break;
+    spdlog::info("evicting {} ({}, unleased, least recently used) to make room for {}", e->key,
+                 FormatBytes(e->loaded.arena ? e->loaded.arena->size() : 0), what);
+    evictions_total_.fetch_add(1, std::memory_order_relaxed);
+    Free(e);
+  }
+  if (fits()) return Status::Ok();
+  // Say what holds the memory, so the operator knows what to unload.
+  std::string held;
+  bool draining = false;
+  for (const auto& [key, e] : entries_) {
+    if (!e->loaded.arena) continue;
+    if (!held.empty()) held += ", ";
+    held += fmt::format("{} ({}, {})", key, FormatBytes(e->loaded.arena->size()),
+                        e->pinned ? std::string("pinned")
+                        : e->state == ModelState::kDraining
+                            ? fmt::format("draining, {} lease(s)", e->leases)
+                            : fmt::format("{} lease(s)", e->leases));
+    draining = draining || e->state == ModelState::kDraining;
+  }
+  const std::string msg = fmt::format(
+      "{} needs {} but the memory budget (--max-memory {}) has {} in use and nothing more can "
+      "be evicted (held by: {})",
+      what, FormatBytes(bytes), FormatBytes(budget_.limit()), FormatBytes(budget_.used()),
+      held.empty() ? "loads in progress" : held);
+  if (wait_for_drain && draining) return Status(ErrorCode::kUnavailable, msg);
+  return Status(ErrorCode::kResourceExhausted, msg);
+}
+
+Status ModelRegistry::MakeRoomFromLoader(uint64_t bytes, const std::string& what,
+                                         bool wait_for_drain) {
+  // The registry's state belongs to the io thread: ask it and wait. The
+  // promise is shared because a loader that gives up (shutdown) leaves it.
+  auto answer = std::make_shared<std::promise<Status>>();
+  auto future = answer->get_future();
+  boost::asio::post(io_, [this, answer, bytes, what, wait_for_drain] {
+    answer->set_value(MakeRoom(bytes, what, wait_for_drain));
+  });
+  while (future.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+    if (stopping_.load()) return Status(ErrorCode::kUnavailable, what + ": the broker is stopping");
+  }
+  return future.get();
+}
+
+void ModelRegistry::Replace(const ResolvedModel& model, std::optional<DType> cast_to,
+                            const ReplaceOptions& options, AcquireCallback done) {
+  const std::string key = ModelKey(model, cast_to);
+  std::vector<std::shared_ptr<ModelEntry>> olds;
+  for (const auto& [k, e] : entries_) {
+    if (k == key || e->resolved.model != model.model || e->cast_to != cast_to) continue;
+    if (e->state == ModelState::kFailed || !e->superseded_by.empty()) continue;
+    if (e->state == ModelState::kLoading) {
+      // Replace what it becomes: try again once that load has ended.
+      e->waiters.push_back([this, model, cast_to, options, done](Status) {
+        Replace(model, cast_to, options, done);
+      });
+      return;
+    }
+    olds.push_back(e);
+  }
+  const bool pin =
+      options.pin || std::any_of(olds.begin(), olds.end(), [](const auto& e) { return e->pinned; });
+  if (olds.empty()) {
+    Acquire(model, cast_to, /*allow_load=*/true, pin, std::move(done), /*exact_commit=*/true);
+    return;
+  }
+  if (options.allow_downtime) {
+    // Free the old copies first: their holders are told now and re-attach
+    // once the new revision is ready; the load waits for the memory.
+    auto existing = entries_.find(key);
+    if (existing == entries_.end() || existing->second->state == ModelState::kFailed) {
+      if (existing != entries_.end()) entries_.erase(existing);
+      auto placeholder = std::make_shared<ModelEntry>();
+      placeholder->key = key;
+      placeholder->resolved = model;
+      placeholder->cast_to = cast_to;
+      placeholder->pinned = pin;
+      placeholder->replacing = true;
+      placeholder->wait_for_drain = true;
+      entries_[key] = placeholder;
+      for (const auto& old : olds) Supersede(old, placeholder);
+      placeholder->waiters.push_back([placeholder, done](Status s) {
+        if (s.ok())
+          done(placeholder);
+        else
+          done(s);
+      });
+      PublishRows();
+      StartLoad(placeholder);
+      return;
+    }
+  }
+  auto on_loaded = [this, olds, done, key](Result<std::shared_ptr<ModelEntry>> entry) {
+    if (!entry.ok()) {
+      // A refused replacement changes nothing: no failed row stays behind.
+      if (auto it = entries_.find(key);
+          it != entries_.end() && it->second->state == ModelState::kFailed) {
+        entries_.erase(it);
+        PublishRows();
+      }
+      Status st = entry.status();
+      if (st.code() == ErrorCode::kResourceExhausted)
+        st = Status(st.code(), st.message() +
+                                   "; the old revision stays loaded until the new one is "
+                                   "ready, so both must fit: free memory, or retry with "
+                                   "--allow-downtime to free the old one first");
+      done(st);
+      return;
+    }
+    for (const auto& old : olds) {
+      auto it = entries_.find(old->key);
+      if (it != entries_.end() && it->second == old && old->superseded_by.empty())
+        Supersede(old, *entry);
+    }
+    done(*entry);
+  };
+  auto existing = entries_.find(key);
+  if (existing == entries_.end()) {
+    // Mark the new entry as a replacement before its load starts.
+    auto entry = std::make_shared<ModelEntry>();
+    entry->key = key;
+    entry->resolved = model;
+    entry->cast_to = cast_to;
+    entry->pinned = pin;
+    entry->replacing = true;
+    entry->waiters.push_back([entry, on_loaded](Status s) {
+      if (s.ok())
+        on_loaded(entry);
+      else
+        on_loaded(s);
+    });
+    entries_[key] = entry;
+    PublishRows();
+    StartLoad(entry);
+    return;
+  }
+  Acquire(model, cast_to, /*allow_load=*/true, pin, std::move(on_loaded), /*exact_commit=*/true);
+}
+
+void ModelRegistry::Supersede(const std::shared_ptr<ModelEntry>& old,
+                              const std::shared_ptr<ModelEntry>& replacement) {
+  spdlog::info("{} replaces {} ({} lease(s) left on it)", replacement->key, old->key, old->leases);
+  old->superseded_by = replacement->key;
+  if (old->pinned) replacement->pinned = true;
+  old->pinned = false;
+  // Whatever led to the old revision now leads to the new one.
+  for (auto& [from, to] : redirects_)
+    if (to == old->key) to = replacement->key;
+  redirects_[old->key] = replacement->key;
+  redirects_.erase(replacement->key);  // a roll-back: the new revision leads nowhere
+  if (old->leases == 0) {
+    Free(old);
+  } else {
+    old->state = ModelState::kDraining;
+    if (options_.on_superseded) options_.on_superseded(*old, *replacement);
+  }
+  PublishRows();
+}
+
+bool ModelRegistry::SetPinned(const ResolvedModel& model, std::optional<DType> cast_to,
+                              bool pinned) {
+  auto it = entries_.find(ModelKey(model, cast_to));
+  if (it == entries_.end()) return false;
+  it->second->pinned = pinned;
+  PublishRows();
+  return true;
+}
+
+std::shared_ptr<ModelEntry> ModelRegistry::Get(const ResolvedModel& model,
+                                               std::optional<DType> cast_to) const {
+  auto it = entries_.find(ModelKey(model, cast_to));
+  return it == entries_.end() ? nullptr : it->second;
+}
+
+std::vector<std::shared_ptr<ModelEntry>> ModelRegistry::Entries() const {
+  std::vector<std::shared_ptr<ModelEntry>> out;
+  for (const auto& [key, e] : entries_) out.push_back(e);
+  return out;
 }
 
 std::vector<std::shared_ptr<ModelEntry>> ModelRegistry::Find(const std::string& model) const {
@@ -245,7 +469,7 @@ Result<nlohmann::json> ModelRegistry::Unload(const std::string& model,
 
 std::shared_ptr<const LoadProgress> ModelRegistry::ProgressOf(const ResolvedModel& model,
                                                               std::optional<DType> cast_to) const {
-  auto it = entries_.find(KeyOf(model, cast_to));
+  auto it = entries_.find(ModelKey(model, cast_to));
   return it == entries_.end() ? nullptr : it->second->progress;
 }
 
@@ -291,6 +515,7 @@ nlohmann::json ModelRegistry::StatusJson() const {
         {"attaches", e->attaches},
         {"state", ModelStateName(e->state)},
         {"pinned", e->pinned},
+        {"superseded_by", e->superseded_by},
         {"load_seconds", e->loaded.seconds},
     };
     if (e->state == ModelState::kLoading) {

@@ -30,18 +30,30 @@ namespace wbroker::broker {
 enum class ModelState { kLoading, kReady, kFailed, kDraining };
 const char* ModelStateName(ModelState state);
 
+/// "model@commit", plus ":dtype" when cast: how the registry names an entry.
+std::string ModelKey(const ResolvedModel& model, std::optional<DType> cast_to);
+
 /// One revision of one model on the broker's device.
 struct ModelEntry {
   std::string key;                   ///< "model@commit", plus ":dtype" when cast
   std::optional<DType> cast_to;      ///< dtype conversion applied at load
   ResolvedModel resolved;            ///< where it came from
   ModelState state = ModelState::kLoading;
-  Status error;                      ///< why it failed (kFailed)
-  LoadedModel loaded;                ///< arena + manifest once ready
-  std::string manifest_text;         ///< tensors as JSON text, serialized once per load
-  uint64_t leases = 0;               ///< live leases across all connections
-  bool pinned = false;               ///< preloaded by config: never freed implicitly
-  uint64_t attaches = 0;             ///< attaches served, for status
+  Status error;               ///< why it failed (kFailed)
+  LoadedModel loaded;         ///< arena + manifest once ready
+  std::string manifest_text;  ///< tensors as JSON text, serialized once per load
+  uint64_t leases = 0;        ///< live leases across all connections
+  bool pinned = false;        ///< preloaded by config: never freed implicitly
+  uint64_t attaches = 0;      ///< attaches served, for status
+  /// Last attach or release: the least recently used unleased model is evicted first.
+  std::chrono::steady_clock::time_point last_used = std::chrono::steady_clock::now();
+  /// Key of the revision that replaced this one (`load --replace`); "" while current.
+  std::string superseded_by;
+  /// This load replaces other revisions: it must fit beside them (the load
+  /// checks the device's free memory too), unless `wait_for_drain`.
+  bool replacing = false;
+  /// --allow-downtime: a load short of room waits for draining revisions to be freed.
+  bool wait_for_drain = false;
   std::chrono::system_clock::time_point loaded_at;  ///< when it became ready
   /// The load's counters (added to by the loader threads, sampled on the io thread).
   std::shared_ptr<LoadProgress> progress = std::make_shared<LoadProgress>();
@@ -56,6 +68,17 @@ struct RegistryOptions {
   unsigned max_parallel_loads = 2;  ///< loads running at once
   /// Called on the io thread when a load ends (ready or failed): the metrics.
   std::function<void(const ModelEntry&)> on_load_finished;
+  /// Called on the io thread when `old` (still leased) was replaced by
+  /// `replacement`: the clients holding `old` are told.
+  std::function<void(const ModelEntry& old, const ModelEntry& replacement)> on_superseded;
+  /// How long a load with `wait_for_drain` waits for replaced revisions to be freed.
+  std::chrono::milliseconds drain_wait{std::chrono::minutes(10)};
+};
+
+/// What Replace() asks for.
+struct ReplaceOptions {
+  bool pin = false;             ///< keep the new revision loaded (preloads)
+  bool allow_downtime = false;  ///< free the old revisions first when both do not fit
 };
 
 /// One model as the metrics see it: a copy, so scrapes on other threads never
@@ -82,8 +105,24 @@ class ModelRegistry {
   /// Calls `done` with the ready entry for `model`, loading it first when it
   /// is not loaded and `allow_load` is set. A failed entry is retried. A
   /// draining entry is refused. `done` may run before Acquire returns.
+  /// Unless `exact_commit` (the request named a commit), a revision that was
+  /// replaced (`load --replace`) leads to its replacement.
   void Acquire(const ResolvedModel& model, std::optional<DType> cast_to, bool allow_load, bool pin,
-               AcquireCallback done);
+               AcquireCallback done, bool exact_commit = false);
+
+  /// Loads `model` beside the other loaded revisions of the same repo (and
+  /// dtype), then points attaches that do not name a commit at it. The old
+  /// revisions drain: their holders are told (on_superseded), no new leases,
+  /// freed at their last release. Without `allow_downtime` the new copy must
+  /// fit beside the old ones, or nothing changes and `done` gets
+  /// kResourceExhausted saying so. `done` gets the new entry.
+  void Replace(const ResolvedModel& model, std::optional<DType> cast_to,
+               const ReplaceOptions& options, AcquireCallback done);
+
+  /// Sets or clears the pin of a loaded entry (config reload); false when absent.
+  bool SetPinned(const ResolvedModel& model, std::optional<DType> cast_to, bool pinned);
+  /// The entry for `model` at its exact commit, or nullptr.
+  std::shared_ptr<ModelEntry> Get(const ResolvedModel& model, std::optional<DType> cast_to) const;
 
   /// Counts a lease on a ready entry.
   void AddLease(const std::shared_ptr<ModelEntry>& entry);
@@ -101,6 +140,8 @@ class ModelRegistry {
   Status CheckUnload(const std::string& model, const std::string& revision_prefix,
                      bool force) const;
 
+  /// Every entry (config reload walks the pinned ones).
+  std::vector<std::shared_ptr<ModelEntry>> Entries() const;
   /// Entries whose model matches, for unload by branch name resolution.
   std::vector<std::shared_ptr<ModelEntry>> Find(const std::string& model) const;
 
@@ -116,6 +157,8 @@ class ModelRegistry {
   uint64_t attaches_total() const { return attaches_total_.load(std::memory_order_relaxed); }
   /// Any thread: leases ended since start (release requests and closed connections).
   uint64_t releases_total() const { return releases_total_.load(std::memory_order_relaxed); }
+  /// Any thread: unleased models evicted to make room since start.
+  uint64_t evictions_total() const { return evictions_total_.load(std::memory_order_relaxed); }
   /// Bytes held by ready or draining arenas.
   uint64_t ArenaBytes() const;
   /// Frees everything not leased; used at shutdown.
@@ -125,6 +168,16 @@ class ModelRegistry {
   void StartLoad(const std::shared_ptr<ModelEntry>& entry);
   void FinishLoad(const std::shared_ptr<ModelEntry>& entry, Result<LoadedModel> result);
   void Free(const std::shared_ptr<ModelEntry>& entry);
+  /// Io thread: evicts unleased, unpinned ready models, least recently used
+  /// first, until `bytes` fit in the budget. Ok when they fit; kUnavailable
+  /// when they will once draining revisions are freed and `wait_for_drain`;
+  /// otherwise kResourceExhausted naming the numbers and what holds the memory.
+  Status MakeRoom(uint64_t bytes, const std::string& what, bool wait_for_drain);
+  /// Pool thread: runs MakeRoom on the io thread and waits for its answer.
+  Status MakeRoomFromLoader(uint64_t bytes, const std::string& what, bool wait_for_drain);
+  /// Io thread: `old` was replaced by `replacement`: redirect, unpin, drain or free.
+  void Supersede(const std::shared_ptr<ModelEntry>& old,
+                 const std::shared_ptr<ModelEntry>& replacement);
   /// Copies the entries into rows_ (after every change the metrics show).
   void PublishRows();
   /// Logs the progress of running loads now and then; re-arms while any runs.
@@ -136,12 +189,16 @@ class ModelRegistry {
   RegistryOptions options_;         ///< knobs
   boost::asio::thread_pool pool_;   ///< runs loads off the io thread
   std::map<std::string, std::shared_ptr<ModelEntry>> entries_;  ///< by key
-  boost::asio::steady_timer progress_timer_;                    ///< paces the progress log lines
-  bool progress_timer_armed_ = false;                           ///< a DoLogProgress wait is pending
-  mutable std::mutex rows_mu_;               ///< guards rows_ (io thread vs. scrapes)
-  std::vector<ModelMetricsRow> rows_;        ///< what MetricsRows() returns
-  std::atomic<uint64_t> attaches_total_{0};  ///< leases handed out
-  std::atomic<uint64_t> releases_total_{0};  ///< leases ended
+  /// Key of a replaced revision -> key of its replacement (always in entries_).
+  std::map<std::string, std::string> redirects_;
+  std::atomic<bool> stopping_{false};  ///< the destructor runs: loaders stop waiting for room
+  boost::asio::steady_timer progress_timer_;  ///< paces the progress log lines
+  bool progress_timer_armed_ = false;         ///< a DoLogProgress wait is pending
+  mutable std::mutex rows_mu_;                ///< guards rows_ (io thread vs. scrapes)
+  std::vector<ModelMetricsRow> rows_;         ///< what MetricsRows() returns
+  std::atomic<uint64_t> attaches_total_{0};   ///< leases handed out
+  std::atomic<uint64_t> releases_total_{0};   ///< leases ended
+  std::atomic<uint64_t> evictions_total_{0};  ///< models evicted for room
 };
 
 }  // namespace wbroker::broker

@@ -155,6 +155,13 @@ void Server::Stop() {
   }
 }
 
+void Server::ForEachSession(const std::function<void(Session&)>& fn) const {
+  for (const auto& [id, weak] : sessions_) {
+    auto s = weak.lock();
+    if (s && !s->closed()) fn(*s);
+  }
+}
+
 nlohmann::json Server::ClientsJson() const {
   nlohmann::json out = nlohmann::json::array();
   for (const auto& [id, weak] : sessions_) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -45,6 +46,8 @@ class Server {
 
   /// {"id","pid","uid","gid","client","leases","leased_models"} per connection.
   nlohmann::json ClientsJson() const;
+  /// Calls `fn` for every open session (io thread).
+  void ForEachSession(const std::function<void(Session&)>& fn) const;
   /// Number of open connections.
   size_t connection_count() const { return sessions_.size(); }
   /// Any thread: the same number, for metrics scrapes.

@@ -232,6 +232,31 @@ void Session::ReleaseAllLeases() {
   for (auto& [id, lease] : leases) lease.registry->ReleaseLease(lease.entry);
 }
 
+bool Session::Subscribe(const std::string& name) {
+  if (name != "superseded") return false;
+  wants_superseded_ = true;
+  return true;
+}
+
+void Session::NotifySuperseded(const ModelEntry& old, const ModelEntry& replacement,
+                               const std::string& device) {
+  if (!wants_superseded_ || closed_) return;
+  for (const auto& [id, lease] : leases_) {
+    if (lease.entry.get() != &old) continue;
+    nlohmann::json event = {{"event", "superseded"},
+                            {"lease", id},
+                            {"model", old.resolved.model},
+                            {"revision", old.resolved.commit},
+                            {"new_revision", replacement.resolved.commit},
+                            {"device", device},
+                            // --allow-downtime: the new revision waits for this
+                            // memory, so release before re-attaching.
+                            {"release_first", replacement.wait_for_drain}};
+    if (old.cast_to) event["dtype"] = std::string(DTypeName(*old.cast_to));
+    Send(std::move(event));
+  }
+}
+
 std::vector<std::string> Session::leased_models() const {
   std::vector<std::string> keys;
   keys.reserve(leases_.size());

@@ -73,6 +73,12 @@ class Session : public std::enable_shared_from_this<Session> {
     client_name_ = std::move(client_name);
   }
   const std::string& client_name() const { return client_name_; }
+  /// Subscribes to unsolicited events of `name` ("superseded"); false for an unknown name.
+  bool Subscribe(const std::string& name);
+  /// Tells the peer, when it subscribed, that each of its leases on `old` was
+  /// replaced by `replacement` (one "superseded" event per lease).
+  void NotifySuperseded(const ModelEntry& old, const ModelEntry& replacement,
+                        const std::string& device);
   size_t lease_count() const { return leases_.size(); }
   /// Keys of the models this connection holds leases on, one per lease.
   std::vector<std::string> leased_models() const;
@@ -118,6 +124,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool hello_ = false;                                  ///< handshake done
   bool closed_ = false;                                 ///< Close() ran
   std::string client_name_;                             ///< from hello
+  bool wants_superseded_ = false;                       ///< hello subscribed to "superseded"
   std::map<uint64_t, Lease> leases_;                    ///< lease id -> model and registry
   uint64_t next_lease_ = 1;                             ///< per-connection counter
 };

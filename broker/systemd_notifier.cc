@@ -1,5 +1,7 @@
 #include "systemd_notifier.h"
 
+#include <time.h>
+
 #include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 
@@ -20,6 +22,14 @@ void SystemdNotifier::Ready(const std::string& status) {
 
 void SystemdNotifier::Status(const std::string& status) {
   sd_notifyf(0, "STATUS=%s", status.c_str());
+}
+
+void SystemdNotifier::Reloading() {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  const unsigned long long usec =
+      static_cast<unsigned long long>(now.tv_sec) * 1000000ULL + now.tv_nsec / 1000;
+  sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", usec);
 }
 
 void SystemdNotifier::Stopping() { sd_notify(0, "STOPPING=1"); }

@@ -16,6 +16,9 @@ class SystemdNotifier {
   void Ready(const std::string& status);
   /// STATUS=<text> (shown by `systemctl status`).
   void Status(const std::string& status);
+  /// RELOADING=1 (with MONOTONIC_USEC, which systemd >= 253 wants beside it);
+  /// Ready() ends the reload.
+  void Reloading();
   /// STOPPING=1.
   void Stopping();
   /// WATCHDOG=1.

@@ -110,8 +110,14 @@ size_t TerminalWidth(int fd) {
 /// `wbrokerctl load`: asks for progress events when someone watches (a
 /// terminal on stderr: a live bar; --json: one event per line on stdout),
 /// then prints the outcome. Exit status 1 with "load SPEC failed: ..." on failure.
+/// How `load` treats the other loaded revisions of the model.
+struct LoadMode {
+  bool replace = false;         ///< --replace: hot-swap them for this one
+  bool allow_downtime = false;  ///< --allow-downtime: free them first when both do not fit
+};
+
 int RunLoad(const std::string& socket_path, const std::string& spec, const std::string& dtype,
-            const std::string& device, bool as_json) {
+            const std::string& device, bool as_json, const LoadMode& mode) {
   const bool bar = !as_json && ::isatty(STDERR_FILENO) == 1;
   auto fd = ConnectRaw(socket_path);
   if (!fd.ok()) return Fail(fd.status());
@@ -122,6 +128,8 @@ int RunLoad(const std::string& socket_path, const std::string& spec, const std::
   if (!dtype.empty()) req["dtype"] = dtype;
   if (!device.empty()) req["device"] = device;
   if (as_json || bar) req["progress"] = true;
+  if (mode.replace) req["replace"] = true;
+  if (mode.allow_downtime) req["allow_downtime"] = true;
   auto failed = [&](const std::string& message) {
     if (bar) std::fputs("\r\033[K", stderr);
     return Fail(fmt::format("load {} failed: {}", spec, message));
@@ -175,8 +183,9 @@ int RunLoad(const std::string& socket_path, const std::string& spec, const std::
       }
       return 0;
     }
-    fmt::print("loaded {} @ {}: {} tensors, {} in {:.2f}s{}\n", body.value("model", ""),
-               body.value("revision", ""), body.value("tensors", 0),
+    fmt::print("{} {} @ {}: {} tensors, {} in {:.2f}s{}\n",
+               mode.replace ? "loaded (replacing the other revisions)" : "loaded",
+               body.value("model", ""), body.value("revision", ""), body.value("tensors", 0),
                wbroker::FormatBytes(body.value("bytes", 0ull)), body.value("load_seconds", 0.0),
                device.empty() ? "" : " on " + body.value("device", device));
     return 0;
@@ -277,7 +286,17 @@ int main(int argc, char** argv) try {
   std::string dtype;
   load->add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32 (GPU)");
   std::string device;
-  load->add_option("--device", device, "device to load on, as the broker names it (default: its first)");
+  load->add_option("--device", device,
+                   "device to load on, as the broker names it (default: its first)");
+  LoadMode mode;
+  load->add_flag("--replace", mode.replace,
+                 "hot-swap: load beside the loaded revisions of MODEL, then point new attaches at "
+                 "this one; holders are told, old revisions are freed at their last release");
+  load->add_flag("--allow-downtime", mode.allow_downtime,
+                 "with --replace: when both copies do not fit, free the old revision first "
+                 "(its clients wait for the new one)");
+  auto* reload = app.add_subcommand(
+      "reload", "re-read the broker's config and apply its preload list (like SIGHUP)");
   bool force = false;
   auto* unload = app.add_subcommand("unload", "unload MODEL[@REV] (all loaded revisions if no REV)");
   unload->add_option("model", spec, "MODEL[@REV]")->required();
@@ -320,7 +339,12 @@ int main(int argc, char** argv) try {
   }
 
   if (status->parsed() && watch) return WatchStatus(socket_path, interval, as_json);
-  if (load->parsed()) return RunLoad(socket_path, spec, dtype, device, as_json);
+  if (load->parsed()) {
+    if (mode.allow_downtime && !mode.replace)
+      return Fail(Status(wbroker::ErrorCode::kInvalidArgument,
+                         "--allow-downtime only applies with --replace"));
+    return RunLoad(socket_path, spec, dtype, device, as_json, mode);
+  }
 
   wbroker::client::ClientOptions opts;
   opts.socket_path = socket_path;
@@ -347,6 +371,23 @@ int main(int argc, char** argv) try {
       std::cout << r->dump(2) << "\n";
     else
       std::fputs(r->value("text", "").c_str(), stdout);
+    return 0;
+  }
+  if (reload->parsed()) {
+    auto r = (*client)->Call({{"op", "reload"}});
+    if (!r.ok()) return Fail(fmt::format("reload failed: {}", r.status().message()));
+    r->erase("id");
+    r->erase("ok");
+    if (as_json) {
+      std::cout << r->dump(2) << "\n";
+    } else {
+      for (const auto& row : (*r)["preloads"])
+        fmt::print("{:<10} {} {}{}\n", row.value("action", ""), row.value("model", ""),
+                   row.value("revision", ""),
+                   row.contains("error") ? ": " + row.value("error", "") : "");
+    }
+    for (const auto& row : (*r)["preloads"])
+      if (row.value("action", "") == "failed") return 1;
     return 0;
   }
   auto ms = wbroker::ParseModelSpec(spec);
