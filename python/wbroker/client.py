@@ -29,12 +29,17 @@ class Client:
         self.broker = None
         self._conn = None
         self._leases = weakref.WeakSet()
+        self._superseded = {}           # lease id -> "superseded" event, this connection
+        self._superseded_callbacks = []
         self._connect()
 
     def _connect(self):
         conn = Connection(self.socket_path, self.timeout)
+        conn.on_event = self._on_event
+        self._superseded = {}
         try:
-            reply, fds = conn.call({"op": "hello", "protocol": PROTOCOL_VERSION, "client": self.name})
+            reply, fds = conn.call({"op": "hello", "protocol": PROTOCOL_VERSION, "client": self.name,
+                                    "events": ["superseded"]})
             _close_all(fds)
         except BaseException:
             conn.close()
@@ -107,6 +112,32 @@ class Client:
         self._leases.add(lease)
         return lease
 
+    # --- events ---------------------------------------------------------
+    def on_superseded(self, callback):
+        """Calls `callback(lease, event)` when the broker replaces the revision
+        a lease maps (`wbrokerctl load --replace`, a reloaded preload). It runs
+        on the thread that reads the event, inside a client call or
+        poll_events(): it must not call this client; note the lease and
+        re-attach later (between requests). `event` holds model, revision,
+        new_revision, device and release_first (release before re-attaching:
+        the new revision waits for this memory)."""
+        self._superseded_callbacks.append(callback)
+        return callback
+
+    def poll_events(self):
+        """Reads events that have arrived, without waiting (every call reads
+        them too). Lease.superseded polls by itself."""
+        if self._conn is not None and not self._conn.closed:
+            self._conn.poll_events()
+
+    def _on_event(self, frame):
+        if frame.get("event") != "superseded" or not isinstance(frame.get("lease"), int):
+            return
+        self._superseded[frame["lease"]] = frame
+        lease = next((l for l in list(self._leases) if l.id == frame["lease"]), None)
+        for cb in list(self._superseded_callbacks):
+            cb(lease, frame)
+
     def _forget(self, lease):
         self._leases.discard(lease)
 
@@ -116,9 +147,18 @@ class Client:
     def ping(self):
         self.call("ping")
 
-    def load(self, model, revision=None, device=None, dtype=None):
-        """Admin: loads a model without attaching it (root or the broker's uid)."""
+    def load(self, model, revision=None, device=None, dtype=None, replace=False,
+             allow_downtime=False):
+        """Admin: loads a model without attaching it (root or the broker's uid).
+        replace=True hot-swaps: the other loaded revisions of the model drain,
+        their holders get a "superseded" event, new attaches get this one.
+        allow_downtime=True (with replace) frees the old revision first when
+        both do not fit."""
         fields = {"model": os.fspath(model)}
+        if replace:
+            fields["replace"] = True
+        if allow_downtime:
+            fields["allow_downtime"] = True
         if revision:
             fields["revision"] = revision
         if device:
@@ -126,6 +166,11 @@ class Client:
         if cast_name(dtype):
             fields["dtype"] = cast_name(dtype)
         return self.call("load", **fields)
+
+    def reload(self):
+        """Admin: the broker re-reads its config and applies the preload list
+        (changed revisions are hot-swapped). Returns {"preloads": [...]}."""
+        return self.call("reload")
 
     def unload(self, model, revision=None, device=None, force=False):
         fields = {"model": os.fspath(model), "force": force}

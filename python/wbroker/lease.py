@@ -192,6 +192,36 @@ class Lease:
             return arr  # packed sub-byte: raw bytes
         return arr.view(dt).reshape(info.shape)
 
+    # --- replacement ----------------------------------------------------
+    @property
+    def superseded(self):
+        """The broker's "superseded" event (a dict with new_revision) once the
+        revision this lease maps was replaced, else None. Reads pending events
+        first; the mapping stays valid until release()."""
+        if self._conn is self._client._conn and not self._released:
+            try:
+                self._client.poll_events()
+            except ConnectionLost:
+                pass
+        if self._conn is not self._client._conn:
+            return None
+        return self._client._superseded.get(self.id)
+
+    def renew(self):
+        """A lease on what the original attach request gets now (the
+        replacement after a hot swap); this lease is released afterwards, or
+        first when the event says release_first."""
+        event = self.superseded
+        first = bool(event and event.get("release_first"))
+        if first:
+            self.release()
+        new = self._client.attach(self.requested.get("model") or self.model,
+                                  revision=self.requested.get("revision"),
+                                  device=self.requested.get("device"), dtype=self.requested.get("dtype"))
+        if not first:
+            self.release()
+        return new
+
     # --- lifetime -------------------------------------------------------
     @property
     def released(self):

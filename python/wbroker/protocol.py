@@ -9,6 +9,7 @@ import array
 import itertools
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -101,6 +102,8 @@ class Connection:
             sock.close()
             raise BrokerUnavailable(path, e.strerror or str(e)) from None
         self._sock = sock
+        # Called with each unsolicited event frame (a dict with "event").
+        self.on_event = None
 
     @property
     def closed(self):
@@ -125,6 +128,11 @@ class Connection:
             try:
                 self._sock.sendall(encode_frame(msg))
                 reply, fds = self._read_frame()
+                # Events may come before the reply: hand them on, keep reading.
+                while "event" in reply and "ok" not in reply:
+                    _close_all(fds)
+                    self._event(reply)
+                    reply, fds = self._read_frame()
             except (BrokenPipeError, ConnectionResetError, ConnectionLost) as e:
                 self.close()
                 raise ConnectionLost(f"wbrokerd at {self.path} closed the connection "
@@ -146,6 +154,31 @@ class Connection:
             raise broker_error(err.get("code", "internal"), err.get("message", "(no message)"),
                                request.get("op"))
         return reply, fds
+
+    def poll_events(self):
+        """Reads the frames already waiting without blocking and hands the
+        events on. Returns at once when another thread is in a call."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            while self._sock is not None:
+                readable, _, _ = select.select([self._sock], [], [], 0)
+                if not readable:
+                    return
+                try:
+                    frame, fds = self._read_frame()
+                except (ConnectionLost, ConnectionResetError, OSError):
+                    self.close()
+                    raise ConnectionLost(f"wbrokerd at {self.path} closed the connection") from None
+                _close_all(fds)
+                if "event" in frame:
+                    self._event(frame)
+        finally:
+            self._lock.release()
+
+    def _event(self, frame):
+        if self.on_event is not None:
+            self.on_event(frame)
 
     def _read_frame(self):
         fds = []

@@ -286,3 +286,37 @@ def test_gpu_arenas_import_through_the_driver(broker_factory, hub, monkeypatch, 
         lease.release()
         imp.close()
         assert imp.ptr == 0
+
+
+def test_hot_swap_tells_the_lease_and_renew_gets_the_new_revision(broker_factory, tmp_path):
+    from make_tiny_model import install_dir
+    revs, weights = [], []
+    for seed in (1, 2):
+        src = tmp_path / f"src{seed}"
+        src.mkdir()
+        w = {"w": torch.randn(64, 8, generator=torch.Generator().manual_seed(seed))}
+        save_file(w, str(src / "model.safetensors"))
+        weights.append(w["w"])
+        revs.append(install_dir(str(src), str(tmp_path / "hub"), "demo/swap")["commit"])
+    # refs/main stays on the first revision: the swap is the broker's doing.
+    (tmp_path / "hub" / "models--demo--swap" / "refs" / "main").write_text(revs[0])
+    b = broker_factory(tmp_path / "hub")
+    with wbroker.connect(b.socket) as client, wbroker.connect(b.socket) as admin:
+        seen = []
+        client.on_superseded(lambda lease, event: seen.append((lease, event)))
+        lease = client.attach("demo/swap")
+        old_w = lease.tensors["w"]
+        assert lease.revision == revs[0] and lease.superseded is None
+        admin.load("demo/swap", revision=revs[1], replace=True)
+        event = lease.superseded
+        assert event is not None and event["new_revision"] == revs[1]
+        assert event["revision"] == revs[0] and event["release_first"] is False
+        assert len(seen) == 1 and seen[0][0] is lease
+        new = lease.renew()
+        assert lease.released and new.revision == revs[1] and new.superseded is None
+        assert torch.equal(new.tensors["w"], weights[1])
+        # Tensors taken before the swap keep the old mapping and bytes.
+        assert torch.equal(old_w, weights[0])
+        models = [(m["revision"], m["state"]) for m in admin.status()["models"]
+                  if m["model"] == "demo/swap"]
+        assert models == [(revs[1], "ready")]

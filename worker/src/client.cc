@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include <map>
 #include <mutex>
 
 #include "wbroker/common/fd_socket.h"
@@ -28,10 +29,12 @@ class Connection {
   Connection(UniqueFd fd, std::string path, std::chrono::milliseconds timeout)
       : fd_(std::move(fd)), path_(std::move(path)), timeout_(timeout) {}
 
-  /// Sends `request` and waits for the reply with the same id.
+  /// Sends `request` and waits for the reply with the same id. Events that
+  /// arrive first are recorded.
   Result<Frame> Call(nlohmann::json request) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!fd_) return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!fd_)
+      return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
     uint64_t id = next_id_++;
     request["id"] = id;
     Status s = WriteFrameBlocking(fd_.get(), request);
@@ -46,6 +49,10 @@ class Connection {
       }
       auto frame = ReadFrameBlocking(fd_.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
       if (!frame.ok()) return Broken(frame.status());
+      if (frame->body.contains("event") && !frame->body.contains("ok")) {
+        RecordEvent(frame->body);
+        continue;
+      }
       auto rid = frame->body.find("id");
       // Frames without our id (a broker notice before closing) still end the call.
       if (rid != frame->body.end() && *rid != id) continue;
@@ -55,7 +62,58 @@ class Connection {
 
   std::string path() const { return path_; }
 
+  /// Reads every frame already waiting, without blocking; records events.
+  Status Poll() {
+    std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock()) return Status::Ok();  // a call is reading: it records them
+    if (!fd_)
+      return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
+    for (;;) {
+      pollfd p{fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 0) <= 0) return Status::Ok();
+      // A frame has started: the broker writes whole frames, so reading the
+      // rest blocks only briefly.
+      auto frame = ReadFrameBlocking(fd_.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
+      if (!frame.ok()) return Broken(frame.status());
+      if (frame->body.contains("event")) RecordEvent(frame->body);
+    }
+  }
+
+  /// The replacement notice of `lease`, if one arrived.
+  std::optional<SupersededEvent> Superseded(uint64_t lease) const {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    auto it = superseded_.find(lease);
+    if (it == superseded_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  void SetHandler(std::function<void(const SupersededEvent&)> handler) {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    handler_ = std::move(handler);
+  }
+
  private:
+  /// Keeps a "superseded" event for Lease::superseded() and runs the handler.
+  void RecordEvent(const nlohmann::json& body) {
+    if (body.value("event", "") != "superseded") return;  // other events: not ours to handle
+    auto lease = body.find("lease");
+    if (lease == body.end() || !lease->is_number_unsigned()) return;
+    SupersededEvent e;
+    e.lease = lease->get<uint64_t>();
+    e.model = body.value("model", "");
+    e.revision = body.value("revision", "");
+    e.new_revision = body.value("new_revision", "");
+    e.device = body.value("device", "");
+    e.release_first = body.value("release_first", false);
+    std::function<void(const SupersededEvent&)> handler;
+    {
+      std::lock_guard<std::mutex> lock(events_mu_);
+      superseded_[e.lease] = e;
+      handler = handler_;
+    }
+    if (handler) handler(e);
+  }
+
   Status Broken(const Status& s) {
     fd_.reset();
     if (s.code() == ErrorCode::kUnavailable)
@@ -64,11 +122,14 @@ class Connection {
     return s;
   }
 
-  std::mutex mu_;                      ///< serializes calls
-  UniqueFd fd_;                        ///< the socket; empty once broken
-  const std::string path_;             ///< for messages
-  const std::chrono::milliseconds timeout_;  ///< per call, 0 = none
-  uint64_t next_id_ = 1;               ///< request ids
+  std::mutex mu_;                                        ///< serializes calls
+  UniqueFd fd_;                                          ///< the socket; empty once broken
+  const std::string path_;                               ///< for messages
+  const std::chrono::milliseconds timeout_;              ///< per call, 0 = none
+  uint64_t next_id_ = 1;                                 ///< request ids
+  mutable std::mutex events_mu_;                         ///< guards superseded_ and handler_
+  std::map<uint64_t, SupersededEvent> superseded_;       ///< lease id -> its notice
+  std::function<void(const SupersededEvent&)> handler_;  ///< Client::SetSupersededHandler
 };
 
 namespace {
@@ -153,9 +214,27 @@ Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
     name = n > 0 ? std::string(exe, static_cast<size_t>(n)) : "wbroker-client";
     name = name.substr(name.find_last_of('/') + 1);
   }
-  WB_ASSIGN_OR_RETURN(c->broker_info_,
-                      c->Call({{"op", "hello"}, {"protocol", kProtocolVersion}, {"client", name}}));
+  WB_ASSIGN_OR_RETURN(c->broker_info_, c->Call({{"op", "hello"},
+                                                {"protocol", kProtocolVersion},
+                                                {"client", name},
+                                                {"events", {"superseded"}}}));
   return c;
+}
+
+Status Client::PollEvents() {
+  return conn_->Poll();
+}
+
+void Client::SetSupersededHandler(std::function<void(const SupersededEvent&)> handler) {
+  conn_->SetHandler(std::move(handler));
+}
+
+bool Lease::superseded() const {
+  return conn_ && conn_->Superseded(id_).has_value();
+}
+
+std::optional<SupersededEvent> Lease::superseded_event() const {
+  return conn_ ? conn_->Superseded(id_) : std::nullopt;
 }
 
 Client::~Client() = default;
@@ -185,6 +264,7 @@ Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const st
   if (lease_id == body.end() || !lease_id->is_number_unsigned())
     return Status(ErrorCode::kProtocol, "attach reply without a lease id");
   lease->id_ = lease_id->get<uint64_t>();
+  lease->requested_revision_ = revision;
   try {
     lease->model_ = body.at("model").get<std::string>();
     lease->revision_ = body.at("revision").get<std::string>();

@@ -10,8 +10,10 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,18 @@ struct TensorView {
                                ///< (CUdeviceptr) when the Lease is on_device()
   uint64_t nbytes = 0;         ///< length in bytes
   uint64_t offset = 0;         ///< offset inside the arena
+};
+
+/// The broker replaced a leased revision (`wbrokerctl load --replace`,
+/// a reloaded preload): new attaches of the model get `new_revision`.
+struct SupersededEvent {
+  uint64_t lease = 0;          ///< the lease whose revision was replaced
+  std::string model;           ///< repo id or path
+  std::string revision;        ///< the replaced commit (what the lease maps)
+  std::string new_revision;    ///< the commit new attaches get
+  std::string device;          ///< as the broker names it
+  bool release_first = false;  ///< --allow-downtime: release before re-attaching
+                               ///< (the new revision waits for this memory)
 };
 
 /// A model attached from the broker. Owns the read-only mapping; releases the
@@ -75,6 +89,14 @@ class Lease {
   /// mapping stays valid until the Lease is destroyed.
   Status Release();
 
+  /// The revision the attach asked for ("" = main), to re-attach the same way.
+  const std::string& requested_revision() const { return requested_revision_; }
+  /// True once the broker said this revision was replaced (events are read by
+  /// every call on the connection and by Client::PollEvents()).
+  bool superseded() const;
+  /// The replacement notice, if one arrived.
+  std::optional<SupersededEvent> superseded_event() const;
+
  private:
   friend class Client;
   friend struct LeaseAccess;
@@ -84,9 +106,10 @@ class Lease {
   uint64_t id_ = 0;                    ///< broker lease id
   bool released_ = false;              ///< Release() done
   std::string model_, revision_, snapshot_, device_, backend_;
-  uint64_t arena_size_ = 0;            ///< mapped length
-  void* base_ = nullptr;               ///< mapping start (host)
-  std::vector<TensorView> tensors_;    ///< manifest with pointers
+  std::string requested_revision_;         ///< as passed to Attach
+  uint64_t arena_size_ = 0;                ///< mapped length
+  void* base_ = nullptr;                   ///< mapping start (host)
+  std::vector<TensorView> tensors_;        ///< manifest with pointers
   std::map<std::string, size_t> by_name_;  ///< name -> index in tensors_
   std::map<std::string, std::string> metadata_;
   MappedRegion mapping_;               ///< the read-only arena mapping, unmapped with the Lease
@@ -115,6 +138,13 @@ class Client {
   /// Sends any request (`op` and fields) and returns the reply's JSON; a reply
   /// with ok=false becomes a Status with the broker's code and message.
   Result<nlohmann::json> Call(nlohmann::json request);
+  /// Reads the events that have arrived without waiting (a worker calls it
+  /// between requests) and runs the handler for each; kUnavailable when the
+  /// connection broke.
+  Status PollEvents();
+  /// Called for each SupersededEvent on the thread that read it, inside that
+  /// call: the handler must not call this Client (set a flag, wake a thread).
+  void SetSupersededHandler(std::function<void(const SupersededEvent&)> handler);
   /// The broker's hello reply ("broker": {version, pid, uid, device, backend}).
   const nlohmann::json& broker_info() const { return broker_info_; }
   const std::string& socket_path() const { return socket_path_; }
