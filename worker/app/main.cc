@@ -16,14 +16,18 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "swappable_engine.h"
 #include "torch_engine.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
@@ -54,6 +58,94 @@ size_t IntraOpThreads(size_t requested, size_t compute_threads) {
   size_t cores = std::max(1u, std::thread::hardware_concurrency());
   return std::max<size_t>(1, cores / std::max<size_t>(1, compute_threads));
 }
+
+/// Follows revision hot swaps at the broker: between requests it reads the
+/// broker's events, and when the attached revision was replaced it attaches
+/// the model again (the same request: it now gets the new revision), swaps
+/// the engine in, and lets the old one (and its lease) go after its last
+/// request. With release_first (--allow-downtime at the broker) the old
+/// engine goes first and requests get 503 until the new one is ready.
+class RevisionFollower {
+ public:
+  RevisionFollower(const wbroker::app::TorchEngineOptions& options,
+                   std::shared_ptr<wbroker::app::SwappableEngine> target,
+                   std::shared_ptr<wbroker::app::TorchEngine> current)
+      : options_(options), target_(std::move(target)), current_(std::move(current)) {}
+  ~RevisionFollower() { Stop(); }
+
+  void Start() {
+    thread_ = std::thread([this] { Run(); });
+  }
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      // Events arrive on the client's socket; 200 ms bounds how long new
+      // requests keep going to a replaced revision.
+      wake_.wait_for(lock, std::chrono::milliseconds(200));
+      if (stop_) break;
+      lock.unlock();
+      Step();
+      lock.lock();
+    }
+  }
+
+  void Step() {
+    if (Status st = options_.client->PollEvents(); !st.ok()) {
+      if (!broken_logged_) spdlog::warn("broker connection: {}", st.message());
+      broken_logged_ = true;
+      return;
+    }
+    auto event = current_ ? current_->Superseded() : pending_;
+    if (!event) return;
+    if (std::chrono::steady_clock::now() < retry_at_) return;
+    if (current_) {
+      spdlog::info("{}@{} was replaced by {} at the broker: re-attaching", event->model,
+                   event->revision.substr(0, 12), event->new_revision.substr(0, 12));
+      sd_notifyf(0, "STATUS=switching to %s@%s", event->model.c_str(), event->new_revision.c_str());
+    }
+    if (event->release_first && current_) {
+      // The new revision needs this memory: let the old engine go first.
+      pending_ = event;
+      target_->Swap(nullptr);
+      current_.reset();
+    }
+    auto next = wbroker::app::TorchEngine::Create(options_);
+    if (!next.ok()) {
+      spdlog::error("re-attaching {} failed (retrying in 5 s): {}", options_.model,
+                    next.status().message());
+      retry_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      return;
+    }
+    std::shared_ptr<wbroker::app::TorchEngine> fresh = std::move(next).value();
+    const auto info = fresh->Info();
+    target_->Swap(fresh);
+    current_ = std::move(fresh);
+    pending_.reset();
+    spdlog::info("serving {}@{} (weights: {})", info.id, info.revision, current_->weights_source());
+    sd_notifyf(0, "STATUS=serving %s@%s", info.id.c_str(), info.revision.c_str());
+  }
+
+  wbroker::app::TorchEngineOptions options_;                 ///< how to attach again
+  std::shared_ptr<wbroker::app::SwappableEngine> target_;    ///< what the server calls
+  std::shared_ptr<wbroker::app::TorchEngine> current_;       ///< the engine swapped in last
+  std::optional<wbroker::client::SupersededEvent> pending_;  ///< a swap with downtime under way
+  std::chrono::steady_clock::time_point retry_at_;           ///< after a failed re-attach
+  bool broken_logged_ = false;                               ///< said once that the socket broke
+  std::thread thread_;                                       ///< runs Run()
+  std::mutex mu_;                                            ///< guards stop_
+  std::condition_variable wake_;                             ///< ends the pause at Stop()
+  bool stop_ = false;                                        ///< Stop() was called
+};
 
 }  // namespace
 
@@ -171,6 +263,10 @@ int main(int argc, char** argv) try {
   const wbroker::http::ModelInfo info = shared_engine->Info();
   spdlog::info("model {}@{}: {} {} on {}, weights: {}", info.id, info.revision, info.kind,
                info.dtype, info.device, shared_engine->weights_source());
+  // The server sees a SwappableEngine: a revision hot swap at the broker
+  // replaces the engine between requests (see RevisionFollower).
+  auto swappable = std::make_shared<wbroker::app::SwappableEngine>(shared_engine);
+  RevisionFollower follower(options, swappable, std::move(shared_engine));
 
   wbroker::http::HttpServerOptions http;
   http.listen = listen;
@@ -180,7 +276,7 @@ int main(int argc, char** argv) try {
   http.max_body_bytes = max_body_bytes;
   http.model_aliases = aliases;
   http.drain_timeout = std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
-  auto server = wbroker::http::HttpServer::Create(http, shared_engine);
+  auto server = wbroker::http::HttpServer::Create(http, swappable);
   if (!server.ok()) return Fail("--listen " + listen + ": " + server.status().message());
 
   server_ptr.store(server->get());
@@ -191,7 +287,9 @@ int main(int argc, char** argv) try {
                               std::to_string((*server)->port());
   spdlog::info("{}", serving);
   sd_notifyf(0, "READY=1\nSTATUS=%s", serving.c_str());
+  if (options.client) follower.Start();
   (*server)->Run();
+  follower.Stop();
 
   server_ptr.store(nullptr);
   server->reset();

@@ -297,6 +297,10 @@ std::string TorchEngine::weights_source() const {
   return state_->source;
 }
 
+std::optional<client::SupersededEvent> TorchEngine::Superseded() const {
+  return state_->lease ? state_->lease->superseded_event() : std::nullopt;
+}
+
 Result<http::CompletionResult> TorchEngine::Complete(const http::CompletionRequest& req,
                                                      const http::TextCallback& on_text) {
   if (!state_->generator)

@@ -8,15 +8,13 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "wbroker/client/client.h"
 #include "wbroker/common/status.h"
 #include "wbroker/http/engine.h"
-
-namespace wbroker::client {
-class Client;
-}
 
 namespace wbroker::app {
 
@@ -53,6 +51,9 @@ class TorchEngine : public http::Engine {
 
   /// Where the weights live: "broker (host arena, N MiB)" or "private copy".
   std::string weights_source() const;
+  /// The broker's notice that the attached revision was replaced (read by
+  /// Client::PollEvents()); nullopt while current or for --from-disk.
+  std::optional<client::SupersededEvent> Superseded() const;
 
  private:
   struct State;
