@@ -1,8 +1,10 @@
 // wbroker broker: turns requests into registry operations and replies.
 #pragma once
 
+#include <boost/asio/thread_pool.hpp>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -34,13 +36,17 @@ struct DispatcherContext {
   std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
   BrokerMetrics* metrics = nullptr;               ///< error counts and the `metrics` verb
+  /// Called when a client's arena was adopted (the broker keeps it in the fd store).
+  std::function<void(const DeviceArena&, const ModelEntry&)> on_adopted;
 };
 
-/// Implements every protocol verb: hello, attach, release, status, load (with
-/// optional progress events), unload, metrics, ping.
+/// Implements every protocol verb: hello, attach, reattach, release, status,
+/// load (with optional progress events), unload, metrics, ping.
 class Dispatcher final : public RequestHandler {
  public:
   explicit Dispatcher(DispatcherContext ctx) : ctx_(std::move(ctx)) {}
+  /// Waits for content checks still running.
+  ~Dispatcher() override { verify_pool_.join(); }
   void set_server(Server* server) { ctx_.server = server; }
 
   void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) override;
@@ -59,6 +65,16 @@ class Dispatcher final : public RequestHandler {
   void DoHello(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoAttach(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoRelease(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// Re-registers a lease a client held on an earlier broker process. Host:
+  /// the client sends the memfd it maps; a loaded model must be that same
+  /// memfd, an unloaded one is adopted after the checks of arena_adoption.h.
+  /// GPU: the broker loads (or has) its own copy and counts the lease.
+  void DoReattach(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// The reattach answer for `entry`: checks `client_fd` (when valid) is its
+  /// arena, counts a lease and replies.
+  void FinishReattach(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                      const nlohmann::json& req, const std::shared_ptr<ModelEntry>& entry,
+                      int client_fd, bool adopted);
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
@@ -72,6 +88,9 @@ class Dispatcher final : public RequestHandler {
   Result<std::optional<DType>> CastOf(const nlohmann::json& req) const;
 
   DispatcherContext ctx_;  ///< the broker's parts
+  /// Reads weights to check client memfds off the io thread; declared last,
+  /// so it is joined before the parts its jobs use go away.
+  boost::asio::thread_pool verify_pool_{1};
 };
 
 }  // namespace wbroker::broker

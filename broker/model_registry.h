@@ -41,6 +41,7 @@ struct ModelEntry {
   std::string manifest_text;         ///< tensors as JSON text, serialized once per load
   uint64_t leases = 0;               ///< live leases across all connections
   bool pinned = false;               ///< preloaded by config: never freed implicitly
+  bool adopted = false;              ///< taken over from an earlier broker, not loaded
   uint64_t attaches = 0;             ///< attaches served, for status
   std::chrono::system_clock::time_point loaded_at;  ///< when it became ready
   /// The load's counters (added to by the loader threads, sampled on the io thread).
@@ -56,6 +57,9 @@ struct RegistryOptions {
   unsigned max_parallel_loads = 2;  ///< loads running at once
   /// Called on the io thread when a load ends (ready or failed): the metrics.
   std::function<void(const ModelEntry&)> on_load_finished;
+  /// Called on the io thread when an entry's arena is freed (unload, last
+  /// lease of a draining entry, Clear()).
+  std::function<void(const ModelEntry&)> on_freed;
 };
 
 /// One model as the metrics see it: a copy, so scrapes on other threads never
@@ -84,6 +88,12 @@ class ModelRegistry {
   /// draining entry is refused. `done` may run before Acquire returns.
   void Acquire(const ResolvedModel& model, std::optional<DType> cast_to, bool allow_load, bool pin,
                AcquireCallback done);
+
+  /// Inserts a ready entry around `loaded`, an arena an earlier broker made
+  /// (checked by the caller), reserving its bytes in the budget. Refused when
+  /// the key is already loading, ready or draining, or the budget is short.
+  Result<std::shared_ptr<ModelEntry>> Adopt(const ResolvedModel& model,
+                                            std::optional<DType> cast_to, LoadedModel loaded);
 
   /// Counts a lease on a ready entry.
   void AddLease(const std::shared_ptr<ModelEntry>& entry);
