@@ -380,3 +380,40 @@ def test_reattach_needs_the_full_commit_and_its_fd(tmp_path, cache, procs):
             assert reply["adopted"] is False and reply["lease"] >= 1
     finally:
         conn.close()
+
+
+def test_backoff_is_bounded_and_keeps_the_leases(tmp_path, cache, procs):
+    first = BrokerProc(tmp_path, cache, tag="first")
+    procs.append(first)
+    client = wbroker.connect(first.socket, reconnect_attempts=3, backoff_initial=0.001)
+    lease = client.attach(MODEL)
+    first.stop(signal.SIGKILL)
+    with pytest.raises(wbroker.BrokerUnavailable):
+        client.ping()
+    assert lease.released is False
+    second = BrokerProc(tmp_path, cache, tag="second")
+    procs.append(second)
+    client.ping()
+    assert second.status_model()["leases"] == 1
+    client.close()
+
+
+def test_an_fd_that_no_request_declares_drops_the_connection(tmp_path, cache, procs):
+    from wbroker.protocol import encode_frame
+    b = BrokerProc(tmp_path, cache)
+    procs.append(b)
+    conn = Connection(b.socket)
+    try:
+        conn.call({"op": "hello", "protocol": PROTOCOL_VERSION})
+        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        socket.send_fds(conn._sock, [encode_frame({"op": "ping", "id": 99})], [devnull])
+        os.close(devnull)
+        reply, fds = conn._read_frame()
+        _close_all(fds)
+        assert reply.get("id") == 99 and reply["ok"] is True
+        reply, fds = conn._read_frame()
+        assert reply["ok"] is False
+        assert "no request that declares them" in reply["error"]["message"]
+        assert conn._sock.recv(1) == b""  # closed by the broker
+    finally:
+        conn.close()
