@@ -16,6 +16,7 @@
 
 #include "wbroker/common/dtype.h"
 #include "wbroker/common/status.h"
+#include "wbroker/common/unique_fd.h"
 
 namespace wbroker::broker {
 
@@ -83,6 +84,14 @@ class Backend {
   virtual std::string device_uuid() const { return ""; }
   /// True when Fill() can convert dtypes (CopyJob src != dst).
   virtual bool can_cast() const { return false; }
+  /// Wraps an arena that already exists outside this process (a sealed memfd
+  /// kept by systemd's fd store or handed back by a client) as a sealed Arena
+  /// of `size` bytes, after checking that `fd` is such an arena. Only the host
+  /// backend can; the others answer kUnsupported.
+  virtual Result<std::unique_ptr<Arena>> AdoptArena(UniqueFd fd, uint64_t size) {
+    return Status(ErrorCode::kUnsupported,
+                  "the " + name() + " backend cannot adopt an existing arena");
+  }
 };
 
 /// Which CUDA sharing mechanism to use when a GPU is selected.

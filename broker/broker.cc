@@ -9,6 +9,7 @@
 #include <set>
 #include <utility>
 
+#include "arena_adoption.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/size_units.h"
 
@@ -34,9 +35,6 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   WB_ASSIGN_OR_RETURN(b->metrics_, BrokerMetrics::Create(MetricsOptions{config.metrics_listen}));
   RegistryOptions ropts;
   ropts.loader_threads = config.loader_threads;
-  ropts.on_load_finished = [metrics = b->metrics_.get()](const ModelEntry& e) {
-    metrics->ObserveLoad(e);
-  };
   Broker* self = b.get();
   for (const auto& spec : specs) {
     DeviceSlot slot;
@@ -58,7 +56,17 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                     fmt::format("dtype = \"{}\": the {} backend cannot convert dtypes",
                                 config.dtype, slot.backend->name()));
     slot.budget = std::make_unique<MemoryBudget>(config.max_memory);
+    const Backend* backend = slot.backend.get();
     RegistryOptions device_opts = ropts;
+    device_opts.on_load_finished = [self, backend](const ModelEntry& e) {
+      self->metrics_->ObserveLoad(e);
+      if (e.state == ModelState::kReady) self->StoreArena(*backend, e);
+    };
+    device_opts.on_freed = [self, backend](const ModelEntry& e) {
+      // At shutdown the arenas stay in the store for the next broker.
+      if (!self->stopped_ && backend->name() == "host")
+        self->fd_store_.Remove(FdStore::IdOf(backend->device(), e.key));
+    };
     device_opts.on_superseded = [self, device = slot.backend->device()](
                                     const ModelEntry& old, const ModelEntry& replacement) {
       if (self->dispatcher_) self->dispatcher_->NotifySuperseded(old, replacement, device);
@@ -81,6 +89,9 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   ctx.reload = [self](std::function<void(Result<nlohmann::json>)> done) {
     self->Reload(std::move(done));
   };
+  ctx.on_adopted = [self](const DeviceArena& dev, const ModelEntry& e) {
+    self->StoreArena(*dev.backend, e);
+  };
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
@@ -91,8 +102,11 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
 
   ServerOptions sopts;
   std::string listen_error;
-  sopts.inherited_fd = SystemdNotifier::TakeListenSocket(&listen_error);
+  auto passed = SystemdNotifier::TakeListenFds(FdStore::kPrefix, &listen_error);
   if (!listen_error.empty()) return Status(ErrorCode::kInvalidArgument, listen_error);
+  sopts.inherited_fd = passed.socket;
+  // Before serving and before the preloads: an adopted model is not loaded again.
+  b->AdoptStored(std::move(passed.stored));
   sopts.socket_path = config.socket_path.empty() ? DefaultSocketPath() : config.socket_path;
   sopts.socket_mode = config.socket_mode;
   if (!config.socket_group.empty()) {
@@ -113,6 +127,97 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   // the start with the reason, like a socket in use.
   WB_RETURN_IF_ERROR(b->metrics_->Serve());
   return b;
+}
+
+void Broker::StoreArena(const Backend& backend, const ModelEntry& e) {
+  // Only memfds can be kept by PID 1; a local dir has no commit that would
+  // tell the next broker whether its files changed.
+  if (!fd_store_.enabled() || backend.name() != "host" || e.resolved.commit.empty() ||
+      !e.loaded.arena)
+    return;
+  auto exported = e.loaded.arena->Export();
+  if (!exported.ok() || exported->fds.size() != 1) return;
+  nlohmann::json meta = {{"version", 1},
+                         {"key", e.key},
+                         {"model", e.resolved.model},
+                         {"commit", e.resolved.commit},
+                         {"requested_revision", e.resolved.requested_revision},
+                         {"dtype", e.cast_to ? std::string(DTypeName(*e.cast_to)) : ""},
+                         {"device", backend.device()},
+                         {"size", e.loaded.arena->size()},
+                         {"manifest_sha256", ManifestDigest(e.loaded.tensors)}};
+  const std::string id = FdStore::IdOf(backend.device(), e.key);
+  Status s = fd_store_.Store(id, exported->fds.front(), meta);
+  if (s.ok())
+    spdlog::info("fd store: kept {} as wbroker-arena-{}", e.key, id);
+  else
+    spdlog::warn("fd store: cannot keep {}: {}", e.key, s.ToString());
+}
+
+void Broker::AdoptStored(std::vector<std::pair<std::string, UniqueFd>> named) {
+  if (named.empty()) return;
+  for (auto& stored : fd_store_.Pair(std::move(named))) {
+    Status s = AdoptOne(stored);
+    if (s.ok()) continue;
+    spdlog::warn(
+        "fd store: not adopting wbroker-arena-{}: {}; it is dropped and the model "
+        "loads normally",
+        stored.id, s.ToString());
+    fd_store_.Remove(stored.id);
+  }
+}
+
+Status Broker::AdoptOne(StoredArena& stored) {
+  WB_ASSIGN_OR_RETURN(nlohmann::json meta, FdStore::ReadMeta(stored.meta.get()));
+  auto str = [&](const char* key) {
+    auto it = meta.find(key);
+    return it != meta.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  const std::string model = str("model"), commit = str("commit"), device = str("device"),
+                    dtype = str("dtype"), key = str("key");
+  auto size = meta.find("size");
+  if (meta.value("version", 0) != 1 || model.empty() || commit.empty() || key.empty() ||
+      size == meta.end() || !size->is_number_unsigned())
+    return Status(ErrorCode::kInvalidArgument,
+                  "metadata lacks version 1, model, commit, key or size: " + meta.dump());
+  DeviceSlot* slot = nullptr;
+  for (auto& d : devices_)
+    if (d.backend->device() == device && d.backend->name() == "host") slot = &d;
+  if (slot == nullptr)
+    return Status(ErrorCode::kNotFound,
+                  fmt::format("{} was kept for host device \"{}\", which this broker does not "
+                              "serve",
+                              key, device));
+  if (FdStore::IdOf(device, key) != stored.id)
+    return Status(ErrorCode::kInvalidArgument,
+                  fmt::format("metadata names {} on {}, which is not what id {} stands for", key,
+                              device, stored.id));
+  std::optional<DType> cast;
+  if (!dtype.empty()) {
+    WB_ASSIGN_OR_RETURN(DType d, ParseCastDType(dtype));
+    cast = d;
+  }
+  const auto cache_dir = config_.cache_dir.empty() ? HubCacheDir() : config_.cache_dir;
+  WB_ASSIGN_OR_RETURN(ResolvedModel resolved, ResolveModel(cache_dir, model, commit));
+  if (resolved.commit != commit)
+    return Status(ErrorCode::kNotFound,
+                  fmt::format("{}: snapshot {} resolves to {}", key, commit, resolved.commit));
+  resolved.requested_revision = str("requested_revision");
+  // The headers must still give the layout the arena was filled with.
+  WB_ASSIGN_OR_RETURN(ExpectedArena expected, PlanExpectedArena(resolved, cast));
+  if (expected.plan.size != size->get<uint64_t>() ||
+      expected.manifest_sha256 != str("manifest_sha256"))
+    return Status(ErrorCode::kFailedPrecondition,
+                  fmt::format("{}: the snapshot's headers now give a {}-byte arena with manifest "
+                              "{}, the kept one is {} bytes with manifest {}",
+                              key, expected.plan.size, expected.manifest_sha256.substr(0, 12),
+                              size->get<uint64_t>(), str("manifest_sha256").substr(0, 12)));
+  WB_ASSIGN_OR_RETURN(std::unique_ptr<Arena> arena,
+                      slot->backend->AdoptArena(std::move(stored.arena), expected.plan.size));
+  WB_ASSIGN_OR_RETURN(
+      auto entry, slot->registry->Adopt(resolved, cast, AdoptedModel(std::move(arena), expected)));
+  spdlog::info("fd store: adopted {} from wbroker-arena-{}", entry->key, stored.id);
+  return Status::Ok();
 }
 
 void Broker::Start() {

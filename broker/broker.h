@@ -14,6 +14,7 @@
 #include "backend.h"
 #include "config.h"
 #include "dispatcher.h"
+#include "fd_store.h"
 #include "memory_budget.h"
 #include "metrics.h"
 #include "model_registry.h"
@@ -44,6 +45,13 @@ class Broker {
   /// unpinned. `done` gets a summary once every change has finished.
   void Reload(std::function<void(Result<nlohmann::json>)> done);
   void Announce();
+  /// Sends a ready host arena to the fd store (no-op without a service manager).
+  void StoreArena(const Backend& backend, const ModelEntry& entry);
+  /// Validates the arenas systemd passed back and adopts the good ones; the
+  /// rest are logged, closed and removed from the store.
+  void AdoptStored(std::vector<std::pair<std::string, UniqueFd>> named);
+  /// One stored arena: its checks and the registry insert.
+  Status AdoptOne(StoredArena& stored);
 
   boost::asio::io_context& io_;               ///< the event loop
   BrokerConfig config_;                       ///< effective settings
@@ -61,6 +69,7 @@ class Broker {
   /// Prometheus metrics; declared after what it reads, so it goes first.
   std::unique_ptr<BrokerMetrics> metrics_;
   SystemdNotifier notifier_;                  ///< sd_notify
+  FdStore fd_store_;                          ///< FDSTORE=1 for host arenas
   boost::asio::signal_set signals_;           ///< SIGTERM/SIGINT (stop), SIGHUP (reload)
   boost::asio::steady_timer watchdog_timer_;  ///< WATCHDOG=1 pings
   size_t preloads_pending_ = 0;               ///< READY when it reaches 0

@@ -3,11 +3,15 @@
 #include "dispatcher.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <boost/asio/post.hpp>
+
+#include "arena_adoption.h"
 #include "progress_stream.h"
 #include "server.h"
 #include "wbroker/common/frame.h"
@@ -67,6 +71,7 @@ void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
   if (op == "hello") return DoHello(s, req);
   if (op == "attach") return DoAttach(s, req);
   if (op == "release") return DoRelease(s, req);
+  if (op == "reattach") return DoReattach(s, req);
   if (op == "status") {
     json r = Reply(req);
     r.update(StatusJson());
@@ -135,7 +140,8 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
   }
   r["connection"] = s->id();
   // Opt-in additions to protocol 1 that this broker understands.
-  r["features"] = {"load_progress", "metrics", "replace", "reload", "superseded_events"};
+  r["features"] = {"load_progress", "metrics",         "reattach",
+                   "reload",        "replace", "superseded_events"};
   s->Send(std::move(r));
 }
 
@@ -212,6 +218,141 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
         s->SendRaw(std::move(body), std::move(fds));
       },
       NamesCommit(req, *resolved));
+}
+
+void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) {
+  const json id = IdOf(req);
+  std::vector<UniqueFd> fds = s->TakeRequestFds();
+  auto device = OptString(req, "device");
+  if (!device.ok()) return s->SendError(id, device.status());
+  auto arena = FindDevice(*device);
+  if (!arena.ok()) return s->SendError(id, arena.status());
+  const DeviceArena* dev = *arena;
+  auto revision = OptString(req, "revision");
+  if (!revision.ok()) return s->SendError(id, revision.status());
+  auto resolved = ResolveRequest(req);
+  if (!resolved.ok()) return s->SendError(id, resolved.status());
+  // The lease was made from one commit; a branch may have moved since.
+  if (resolved->commit.empty() || *revision != resolved->commit)
+    return s->SendError(id, Status(ErrorCode::kInvalidArgument,
+                                   fmt::format("reattach needs the full commit the lease was "
+                                               "made from, not \"{}\"",
+                                               *revision)));
+  auto cast = CastOf(req);
+  if (!cast.ok()) return s->SendError(id, cast.status());
+  const bool host = dev->backend->name() == "host";
+  if (fds.size() != (host ? 1u : 0u))
+    return s->SendError(
+        id, Status(ErrorCode::kInvalidArgument,
+                   fmt::format("reattach on {} ({}) takes {} fd(s), got {}", dev->backend->device(),
+                               dev->backend->name(), host ? 1 : 0, fds.size())));
+  auto client_fd = std::make_shared<UniqueFd>(host ? std::move(fds.front()) : UniqueFd());
+  std::weak_ptr<Session> weak = s;
+  auto exec = s->executor();
+  ModelRegistry* registry = dev->registry;
+  registry->Acquire(
+      *resolved, *cast, /*allow_load=*/false, /*pin=*/false,
+      [this, dev, weak, id, req, client_fd, exec, registry, model = *resolved,
+       cast = *cast](Result<std::shared_ptr<ModelEntry>> entry) {
+        auto s = weak.lock();
+        if (!s || s->closed()) return;
+        if (entry.ok()) return FinishReattach(s, dev, req, *entry, client_fd->get(), false);
+        if (entry.status().code() != ErrorCode::kNotFound) return s->SendError(id, entry.status());
+        if (!*client_fd) {
+          // A GPU lease: the client keeps its mapping; this broker needs its
+          // own copy for new attaches, so it loads one (when it may).
+          registry->Acquire(model, cast, ctx_.config->load_on_attach, /*pin=*/false,
+                            [this, dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> e) {
+                              auto s = weak.lock();
+                              if (!s || s->closed()) return;
+                              if (!e.ok()) return s->SendError(id, e.status());
+                              FinishReattach(s, dev, req, *e, -1, false);
+                            });
+          return;
+        }
+        // Not loaded here: the client's memfd may become the arena, once it is
+        // proven to hold exactly what loading the snapshot would. The weights
+        // are read for that, so off the io thread.
+        spdlog::info("client {} (pid {}): checking its arena of {}@{} for adoption", s->id(),
+                     s->peer().pid, model.model, model.commit);
+        boost::asio::post(verify_pool_, [this, dev, weak, id, req, client_fd, exec, registry, model,
+                                         cast] {
+          // The checks: memfd, seals and size (AdoptArena), then every byte.
+          auto expected = std::make_shared<Result<ExpectedArena>>(PlanExpectedArena(model, cast));
+          Result<std::unique_ptr<Arena>> arena = [&]() -> Result<std::unique_ptr<Arena>> {
+            if (!expected->ok()) return expected->status();
+            UniqueFd fd(::fcntl(client_fd->get(), F_DUPFD_CLOEXEC, 0));
+            if (!fd) return ErrnoStatus("dup client memfd");
+            WB_ASSIGN_OR_RETURN(std::unique_ptr<Arena> a,
+                                dev->backend->AdoptArena(std::move(fd), (*expected)->plan.size));
+            WB_RETURN_IF_ERROR(VerifyArenaContent(client_fd->get(), **expected));
+            return a;
+          }();
+          boost::asio::post(exec, [this, dev, weak, id, req, client_fd, registry, model, cast,
+                                   expected, arena = std::move(arena)]() mutable {
+            auto s = weak.lock();
+            if (!s || s->closed()) return;
+            if (!arena.ok()) {
+              spdlog::warn("client {} (pid {} uid {}): refused to adopt its arena of {}@{}: {}",
+                           s->id(), s->peer().pid, s->peer().uid, model.model, model.commit,
+                           arena.status().ToString());
+              return s->SendError(id, arena.status().WithContext("reattach"));
+            }
+            auto entry =
+                registry->Adopt(model, cast, AdoptedModel(std::move(arena).value(), **expected));
+            if (entry.ok()) {
+              if (ctx_.on_adopted) ctx_.on_adopted(*dev, **entry);
+              return FinishReattach(s, dev, req, *entry, client_fd->get(), true);
+            }
+            if (entry.status().code() != ErrorCode::kAlreadyExists)
+              return s->SendError(id, entry.status());
+            // Loaded or adopted meanwhile (another client's reattach): the
+            // memfd must then be that arena.
+            registry->Acquire(
+                model, cast, /*allow_load=*/false, /*pin=*/false,
+                [this, dev, weak, id, req, client_fd](Result<std::shared_ptr<ModelEntry>> e) {
+                  auto s = weak.lock();
+                  if (!s || s->closed()) return;
+                  if (!e.ok()) return s->SendError(id, e.status());
+                  FinishReattach(s, dev, req, *e, client_fd->get(), false);
+                });
+          });
+        });
+      });
+}
+
+void Dispatcher::FinishReattach(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                                const json& req, const std::shared_ptr<ModelEntry>& entry,
+                                int client_fd, bool adopted) {
+  const json id = IdOf(req);
+  if (client_fd >= 0) {
+    auto exported = entry->loaded.arena->Export();
+    if (!exported.ok()) return s->SendError(id, exported.status());
+    struct stat mine {
+    }, theirs{};
+    if (exported->fds.size() != 1 || ::fstat(exported->fds.front(), &mine) != 0 ||
+        ::fstat(client_fd, &theirs) != 0)
+      return s->SendError(id, ErrnoStatus("fstat arena memfds"));
+    // Same inode on the same device: the very memfd, so still one copy.
+    if (mine.st_dev != theirs.st_dev || mine.st_ino != theirs.st_ino)
+      return s->SendError(
+          id, Status(ErrorCode::kFailedPrecondition,
+                     fmt::format("the memfd you map is not this broker's arena of {} (inode {} "
+                                 "vs {}): it is another copy; attach anew to share one",
+                                 entry->key, theirs.st_ino, mine.st_ino)));
+  }
+  uint64_t lease = s->AddLease(*dev->registry, entry);
+  spdlog::info("client {} (pid {}): re-registered a lease on {}{}", s->id(), s->peer().pid,
+               entry->key, adopted ? " (its arena adopted)" : "");
+  json r = Reply(req);
+  r["lease"] = lease;
+  r["model"] = entry->resolved.model;
+  r["revision"] = entry->resolved.commit;
+  r["device"] = dev->backend->device();
+  r["backend"] = dev->backend->name();
+  r["bytes"] = entry->loaded.arena->size();
+  r["adopted"] = adopted;
+  s->Send(std::move(r));
 }
 
 void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {

@@ -1,9 +1,11 @@
 // wbroker broker: turns requests into registry operations and replies.
 #pragma once
 
+#include <boost/asio/thread_pool.hpp>
 #include <chrono>
 #include <functional>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,13 +40,17 @@ struct DispatcherContext {
   /// Re-reads the config and applies its preload list (the `reload` verb and
   /// SIGHUP); calls back with a summary or the reason it could not.
   std::function<void(std::function<void(Result<nlohmann::json>)>)> reload;
+  /// Called when a client's arena was adopted (the broker keeps it in the fd store).
+  std::function<void(const DeviceArena&, const ModelEntry&)> on_adopted;
 };
 
-/// Implements every protocol verb: hello, attach, release, status, load (with
-/// optional progress events), unload, metrics, ping.
+/// Implements every protocol verb: hello, attach, reattach, release, status,
+/// load (with optional progress events), unload, metrics, ping.
 class Dispatcher final : public RequestHandler {
  public:
   explicit Dispatcher(DispatcherContext ctx) : ctx_(std::move(ctx)) {}
+  /// Waits for content checks still running.
+  ~Dispatcher() override { verify_pool_.join(); }
   void set_server(Server* server) { ctx_.server = server; }
 
   void HandleRequest(const std::shared_ptr<Session>& session, nlohmann::json request) override;
@@ -67,6 +73,16 @@ class Dispatcher final : public RequestHandler {
   void DoHello(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoAttach(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoRelease(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// Re-registers a lease a client held on an earlier broker process. Host:
+  /// the client sends the memfd it maps; a loaded model must be that same
+  /// memfd, an unloaded one is adopted after the checks of arena_adoption.h.
+  /// GPU: the broker loads (or has) its own copy and counts the lease.
+  void DoReattach(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// The reattach answer for `entry`: checks `client_fd` (when valid) is its
+  /// arena, counts a lease and replies.
+  void FinishReattach(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                      const nlohmann::json& req, const std::shared_ptr<ModelEntry>& entry,
+                      int client_fd, bool adopted);
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoReload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
@@ -81,6 +97,9 @@ class Dispatcher final : public RequestHandler {
   Result<std::optional<DType>> CastOf(const nlohmann::json& req) const;
 
   DispatcherContext ctx_;  ///< the broker's parts
+  /// Reads weights to check client memfds off the io thread; declared last,
+  /// so it is joined before the parts its jobs use go away.
+  boost::asio::thread_pool verify_pool_{1};
 };
 
 }  // namespace wbroker::broker

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <sys/sendfile.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -149,7 +150,8 @@ Status SendfileFully(int out, int in, uint64_t length, uint64_t file_offset,
 /// A sealed-on-completion memfd.
 class HostArena final : public Arena {
  public:
-  HostArena(UniqueFd fd, uint64_t size) : fd_(std::move(fd)), size_(size) {}
+  HostArena(UniqueFd fd, uint64_t size, bool sealed = false)
+      : fd_(std::move(fd)), size_(size), sealed_(sealed) {}
 
   uint64_t size() const override { return size_; }
 
@@ -293,6 +295,31 @@ Result<std::unique_ptr<Arena>> HostBackend::Allocate(uint64_t size, const std::s
   // No fallocate(): it zeroes every page that the fill then overwrites, which
   // measured as 40% of the load time. The budget check runs before this.
   return std::unique_ptr<Arena>(new HostArena(std::move(fd), size));
+}
+
+Result<std::unique_ptr<Arena>> HostBackend::AdoptArena(UniqueFd fd, uint64_t size) {
+  const std::string what = FdPath(fd.get());
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus("fstat " + what);
+  // memfds link as "/memfd:<name> (deleted)"; anything else (a regular file,
+  // a tmpfs file) could be changed through its path by whoever can open it.
+  if (!S_ISREG(st.st_mode) || what.rfind("/memfd:", 0) != 0)
+    return Status(ErrorCode::kInvalidArgument,
+                  fmt::format("{} is not a memfd, so it cannot be an arena", what));
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0) return ErrnoStatus("F_GET_SEALS on " + what);
+  // Without every seal its holder could still write, resize or unseal it
+  // under the workers that map it.
+  if ((seals & kArenaSeals) != kArenaSeals)
+    return Status(ErrorCode::kInvalidArgument,
+                  fmt::format("{} lacks arena seals (has {:#x}, needs {:#x}: write, shrink, "
+                              "grow and seal)",
+                              what, seals, kArenaSeals));
+  if (static_cast<uint64_t>(st.st_size) != size)
+    return Status(
+        ErrorCode::kInvalidArgument,
+        fmt::format("{} holds {} bytes, the snapshot's layout needs {}", what, st.st_size, size));
+  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, /*sealed=*/true));
 }
 
 MemoryInfo HostBackend::Memory() const {

@@ -18,6 +18,9 @@ class HostBackend final : public Backend {
   MemoryInfo Memory() const override;
   /// Converts F32/F16/BF16 while filling (host_cast.h), so --dtype works on the CPU.
   bool can_cast() const override { return true; }
+  /// Adopts a memfd only when it is one, carries all four arena seals and is
+  /// exactly `size` bytes long.
+  Result<std::unique_ptr<Arena>> AdoptArena(UniqueFd fd, uint64_t size) override;
 
  private:
   HostBackend() = default;

@@ -182,6 +182,33 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
   for (auto& w : waiters) w(Status::Ok());
 }
 
+Result<std::shared_ptr<ModelEntry>> ModelRegistry::Adopt(const ResolvedModel& model,
+                                                         std::optional<DType> cast_to,
+                                                         LoadedModel loaded) {
+  const std::string key = KeyOf(model, cast_to);
+  auto it = entries_.find(key);
+  if (it != entries_.end() && it->second->state != ModelState::kFailed)
+    return Status(ErrorCode::kAlreadyExists, fmt::format("model {} is already {} here", key,
+                                                         ModelStateName(it->second->state)));
+  WB_RETURN_IF_ERROR(budget_.TryReserve(loaded.arena->size(), "adopting " + key));
+  auto entry = std::make_shared<ModelEntry>();
+  entry->key = key;
+  entry->resolved = model;
+  entry->cast_to = cast_to;
+  entry->loaded = std::move(loaded);
+  entry->manifest_text = ManifestToJson(entry->loaded.tensors)
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  entry->state = ModelState::kReady;
+  entry->adopted = true;
+  entry->loaded_at = std::chrono::system_clock::now();
+  entries_[key] = entry;
+  spdlog::info("adopted {}: {} tensors, {} on {} ({}), not loaded again", key,
+               entry->loaded.tensors.size(), FormatBytes(entry->loaded.arena->size()),
+               backend_.device(), backend_.name());
+  PublishRows();
+  return entry;
+}
+
 void ModelRegistry::AddLease(const std::shared_ptr<ModelEntry>& entry) {
   entry->last_used = std::chrono::steady_clock::now();
   ++entry->leases;
@@ -203,6 +230,7 @@ void ModelRegistry::ReleaseLease(const std::shared_ptr<ModelEntry>& entry) {
 
 void ModelRegistry::Free(const std::shared_ptr<ModelEntry>& entry) {
   if (entry->loaded.arena) budget_.Release(entry->loaded.arena->size());
+  if (entry->loaded.arena && options_.on_freed) options_.on_freed(*entry);
   entry->loaded.arena.reset();
   auto it = entries_.find(entry->key);
   if (it != entries_.end() && it->second == entry) {
@@ -516,6 +544,7 @@ nlohmann::json ModelRegistry::StatusJson() const {
         {"state", ModelStateName(e->state)},
         {"pinned", e->pinned},
         {"superseded_by", e->superseded_by},
+        {"adopted", e->adopted},
         {"load_seconds", e->loaded.seconds},
     };
     if (e->state == ModelState::kLoading) {

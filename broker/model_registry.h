@@ -44,6 +44,7 @@ struct ModelEntry {
   std::string manifest_text;  ///< tensors as JSON text, serialized once per load
   uint64_t leases = 0;        ///< live leases across all connections
   bool pinned = false;        ///< preloaded by config: never freed implicitly
+  bool adopted = false;       ///< taken over from an earlier broker, not loaded
   uint64_t attaches = 0;      ///< attaches served, for status
   /// Last attach or release: the least recently used unleased model is evicted first.
   std::chrono::steady_clock::time_point last_used = std::chrono::steady_clock::now();
@@ -68,6 +69,9 @@ struct RegistryOptions {
   unsigned max_parallel_loads = 2;  ///< loads running at once
   /// Called on the io thread when a load ends (ready or failed): the metrics.
   std::function<void(const ModelEntry&)> on_load_finished;
+  /// Called on the io thread when an entry's arena is freed (unload, last
+  /// lease of a draining entry, Clear()).
+  std::function<void(const ModelEntry&)> on_freed;
   /// Called on the io thread when `old` (still leased) was replaced by
   /// `replacement`: the clients holding `old` are told.
   std::function<void(const ModelEntry& old, const ModelEntry& replacement)> on_superseded;
@@ -123,6 +127,12 @@ class ModelRegistry {
   bool SetPinned(const ResolvedModel& model, std::optional<DType> cast_to, bool pinned);
   /// The entry for `model` at its exact commit, or nullptr.
   std::shared_ptr<ModelEntry> Get(const ResolvedModel& model, std::optional<DType> cast_to) const;
+
+  /// Inserts a ready entry around `loaded`, an arena an earlier broker made
+  /// (checked by the caller), reserving its bytes in the budget. Refused when
+  /// the key is already loading, ready or draining, or the budget is short.
+  Result<std::shared_ptr<ModelEntry>> Adopt(const ResolvedModel& model,
+                                            std::optional<DType> cast_to, LoadedModel loaded);
 
   /// Counts a lease on a ready entry.
   void AddLease(const std::shared_ptr<ModelEntry>& entry);

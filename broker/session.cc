@@ -11,6 +11,13 @@
 #include "wbroker/common/frame.h"
 
 namespace wbroker::broker {
+namespace {
+
+/// Fds a client may send with one request (reattach sends its memfd) and
+/// may have in flight; only after hello.
+constexpr size_t kMaxRequestFds = 1;
+
+}  // namespace
 
 Session::Session(boost::asio::local::stream_protocol::socket socket, uint64_t id,
                  PeerCredentials peer, RequestHandler& handler, ModelRegistry& registry,
@@ -53,9 +60,11 @@ void Session::DoProcessInput() {
   // Never buffer more than one largest frame ahead: a client that keeps the
   // socket full must not grow inbuf_ before its frames are checked.
   while (inbuf_.size() < kFrameHeaderBytes + limits_.max_frame_bytes) {
-    // Clients never send fds: max_fds = 0 makes any SCM_RIGHTS a protocol error
-    // (and closes the fds that came with it).
-    auto chunk = RecvWithFds(socket_.native_handle(), buf, sizeof(buf), 0);
+    // Before hello no fds are accepted: max_fds = 0 makes any SCM_RIGHTS a
+    // protocol error (and closes the fds that came with it). After it, one
+    // fd may ride with a request that declares it (reattach).
+    auto chunk = RecvWithFds(socket_.native_handle(), buf, sizeof(buf),
+                             hello_ ? kMaxRequestFds - pending_fds_.size() : 0);
     if (!chunk.ok()) {
       spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
                    peer_.uid, chunk.status().message());
@@ -71,6 +80,7 @@ void Session::DoProcessInput() {
       return;
     }
     inbuf_.append(buf, chunk->bytes);
+    for (auto& fd : chunk->fds) pending_fds_.push_back(std::move(fd));
   }
   ProcessFrames();
 }
@@ -105,9 +115,38 @@ void Session::ProcessFrames() {
       Close("bad frame body");
       return;
     }
+    // A request claims the fds it declares; they arrived with its first byte.
+    auto declared = body->is_object() ? body->find("fds") : body->end();
+    if (declared != body->end()) {
+      if (!declared->is_number_unsigned() || declared->get<uint64_t>() > pending_fds_.size()) {
+        Status bad(ErrorCode::kProtocol, fmt::format("request declares {} fds but {} arrived",
+                                                     declared->dump(), pending_fds_.size()));
+        spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
+                     peer_.uid, bad.message());
+        SendError(nullptr, bad);
+        Close("undeclared fds");
+        return;
+      }
+      for (uint64_t i = 0; i < declared->get<uint64_t>(); ++i) {
+        request_fds_.push_back(std::move(pending_fds_.front()));
+        pending_fds_.pop_front();
+      }
+    }
     handler_.HandleRequest(shared_from_this(), std::move(body).value());
+    request_fds_.clear();
   }
   inbuf_.erase(0, pos);
+  if (!closed_ && !read_paused_ && inbuf_.empty() && !pending_fds_.empty()) {
+    // Every whole frame was handled and none claimed these fds.
+    Status bad(ErrorCode::kProtocol,
+               fmt::format("{} file descriptor(s) arrived with no request that declares them",
+                           pending_fds_.size()));
+    spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
+                 peer_.uid, bad.message());
+    SendError(nullptr, bad);
+    Close("undeclared fds");
+    return;
+  }
   if (!read_paused_) DoRead();
 }
 
@@ -271,6 +310,7 @@ void Session::Close(const std::string& why) {
   spdlog::debug("client {} (pid {} uid {}) closed: {} ({} lease(s) released)", id_, peer_.pid,
                 peer_.uid, why, leases_.size());
   ReleaseAllLeases();
+  pending_fds_.clear();
   handler_.SessionClosed(*this);
   // One last non-blocking try to deliver what is queued (often the error that
   // explains the close); a peer that does not read loses it. Closing cancels

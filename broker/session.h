@@ -62,6 +62,9 @@ class Session : public std::enable_shared_from_this<Session> {
   /// Records a lease on `entry`, which lives in `registry` (the lease is
   /// released there); returns its id.
   uint64_t AddLease(ModelRegistry& registry, std::shared_ptr<ModelEntry> entry);
+  /// The fds that came with the request being handled (it declared them with
+  /// "fds": N); the handler takes them, or they are closed after it returns.
+  std::vector<UniqueFd> TakeRequestFds() { return std::move(request_fds_); }
   /// Ends a lease; kNotFound when this connection holds no such lease.
   Status ReleaseLease(uint64_t lease_id);
 
@@ -127,6 +130,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool wants_superseded_ = false;                       ///< hello subscribed to "superseded"
   std::map<uint64_t, Lease> leases_;                    ///< lease id -> model and registry
   uint64_t next_lease_ = 1;                             ///< per-connection counter
+  std::deque<UniqueFd> pending_fds_;   ///< received, not yet claimed by a request's "fds": N
+  std::vector<UniqueFd> request_fds_;  ///< claimed by the request being handled
 };
 
 }  // namespace wbroker::broker

@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include <cstdlib>
+
 namespace wbroker::broker {
 
 SystemdNotifier::SystemdNotifier() {
@@ -36,17 +38,34 @@ void SystemdNotifier::Stopping() { sd_notify(0, "STOPPING=1"); }
 
 void SystemdNotifier::Watchdog() { sd_notify(0, "WATCHDOG=1"); }
 
-int SystemdNotifier::TakeListenSocket(std::string* error) {
-  int n = sd_listen_fds(/*unset_environment=*/1);
-  if (n <= 0) return -1;
-  int fd = SD_LISTEN_FDS_START;
-  if (sd_is_socket_unix(fd, SOCK_STREAM, /*listening=*/1, nullptr, 0) <= 0) {
-    *error = fmt::format("systemd passed {} fd(s) but fd {} is not a listening AF_UNIX stream "
-                         "socket (check ListenStream= in wbrokerd.socket)",
-                         n, fd);
-    return -1;
+SystemdNotifier::ListenFds SystemdNotifier::TakeListenFds(const std::string& store_prefix,
+                                                          std::string* error) {
+  ListenFds out;
+  char** names = nullptr;
+  // Socket units name their fds (FileDescriptorName=, default the unit name);
+  // fd store entries carry the FDNAME= we stored them with.
+  int n = sd_listen_fds_with_names(/*unset_environment=*/1, &names);
+  if (n <= 0) return out;
+  for (int i = 0; i < n; ++i) {
+    const int fd = SD_LISTEN_FDS_START + i;
+    std::string name = names != nullptr && names[i] != nullptr ? names[i] : "unknown";
+    if (names != nullptr) std::free(names[i]);
+    if (name.rfind(store_prefix, 0) == 0) {
+      out.stored.emplace_back(std::move(name), UniqueFd(fd));
+      continue;
+    }
+    if (out.socket >= 0 || !error->empty()) continue;
+    if (sd_is_socket_unix(fd, SOCK_STREAM, /*listening=*/1, nullptr, 0) <= 0) {
+      *error = fmt::format(
+          "systemd passed {} fd(s) but fd {} (\"{}\") is not a listening "
+          "AF_UNIX stream socket (check ListenStream= in wbrokerd.socket)",
+          n, fd, name);
+      continue;
+    }
+    out.socket = fd;
   }
-  return fd;
+  std::free(names);
+  return out;
 }
 
 }  // namespace wbroker::broker

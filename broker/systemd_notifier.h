@@ -4,6 +4,10 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "wbroker/common/unique_fd.h"
 
 namespace wbroker::broker {
 
@@ -26,10 +30,19 @@ class SystemdNotifier {
   /// Half the WATCHDOG_USEC interval when the watchdog is on for this process.
   std::optional<std::chrono::microseconds> watchdog_ping_interval() const { return ping_; }
 
-  /// The first socket passed by systemd (LISTEN_FDS) when it is a listening
-  /// AF_UNIX stream socket; -1 when none was passed. Clears the LISTEN_*
-  /// variables so children do not inherit them.
-  static int TakeListenSocket(std::string* error);
+  /// The fds systemd passed (LISTEN_FDS, LISTEN_FDNAMES), sorted by name.
+  struct ListenFds {
+    /// The first fd not named by the fd store: a listening AF_UNIX stream
+    /// socket (wbrokerd.socket); -1 when none was passed.
+    int socket = -1;
+    /// Fds whose name starts with `store_prefix`: our fd store entries.
+    std::vector<std::pair<std::string, UniqueFd>> stored;
+  };
+
+  /// Takes the passed fds and clears the LISTEN_* variables so children do
+  /// not inherit them. Sets `*error` when the socket candidate is not a
+  /// listening AF_UNIX stream socket.
+  static ListenFds TakeListenFds(const std::string& store_prefix, std::string* error);
 
  private:
   std::optional<std::chrono::microseconds> ping_;  ///< watchdog ping period

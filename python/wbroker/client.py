@@ -5,12 +5,16 @@
       w = lease.tensors["model.embed_tokens.weight"]   # zero-copy, read-only
 
 Leases end with release(), with close(), or when the process exits (the
-broker sees the connection close). If the broker restarts, the next call
-reconnects once; leases taken before it are gone and can be re-taken with
-Lease.reattach().
+broker sees the connection close). If the broker restarts or crashes, the
+mappings stay valid, and the next call (or recover()) reconnects with
+exponential backoff and re-registers every live lease with the new broker
+("reattach": for host arenas the memfd is handed back, so a broker without
+systemd's fd store adopts it instead of loading the model again).
 """
 import os
 import sys
+import time
+import warnings
 import weakref
 
 from .dtypes import cast_name
@@ -21,11 +25,17 @@ from .protocol import PROTOCOL_VERSION, Connection, _close_all, default_socket_p
 class Client:
     """A connection to wbrokerd. Calls are serialized (one request at a time)."""
 
-    def __init__(self, socket=None, name=None, timeout=None, reconnect=True):
+    def __init__(self, socket=None, name=None, timeout=None, reconnect=True, reconnect_attempts=10,
+                 backoff_initial=0.05, backoff_max=2.0):
         self.socket_path = os.fspath(socket) if socket else default_socket_path()
         self.name = name or f"python:{os.path.basename(sys.argv[0]) or 'python'}:{os.getpid()}"
         self.timeout = timeout
         self.auto_reconnect = reconnect
+        # Backoff: backoff_initial, doubling up to backoff_max, for at most
+        # reconnect_attempts tries (about 12 s with the defaults).
+        self.reconnect_attempts = max(1, int(reconnect_attempts))
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
         self.broker = None
         self._conn = None
         self._leases = weakref.WeakSet()
@@ -53,25 +63,58 @@ class Client:
             self._conn.close()
         for lease in list(self._leases):
             lease._released = True
+            lease._close_fd()
         self._leases = weakref.WeakSet()
         self._connect()
+
+    def recover(self):
+        """Reconnects after the broker went away, with exponential backoff,
+        and re-registers every live lease on the new connection. Returns the
+        leases that could not be re-registered (they are marked released;
+        their tensors stay valid). Raises BrokerUnavailable when every
+        attempt failed."""
+        if self._conn is not None:
+            self._conn.close()
+        delay = self.backoff_initial
+        for attempt in range(self.reconnect_attempts):
+            try:
+                self._connect()
+                break
+            except BrokerUnavailable:
+                if attempt + 1 == self.reconnect_attempts:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+        lost = []
+        for lease in list(self._leases):
+            if lease.released:
+                continue
+            try:
+                lease._reregister()
+            except ConnectionLost:
+                raise
+            except Exception as e:  # noqa: BLE001  (any refusal: the lease is lost, not the client)
+                warnings.warn(f"wbroker: lease on {lease.model}@{lease.revision[:12]} could not be "
+                              f"re-registered after reconnecting: {e}", RuntimeWarning, stacklevel=2)
+                lease._released = True
+                self._leases.discard(lease)
+                lost.append(lease)
+        return lost
 
     def _call(self, request):
         if self._conn is None or self._conn.closed:
             if not self.auto_reconnect:
                 raise ConnectionLost(f"not connected to wbrokerd at {self.socket_path}")
-            self.reconnect()
+            self.recover()
         try:
             return self._conn.call(request)
         except ConnectionLost:
-            # The broker went away mid-call (restart): try once more on a new
-            # connection. attach is idempotent; its lease lived on the old one.
+            # The broker went away mid-call (restart, crash): reconnect,
+            # re-register the leases, and send the request once more (attach
+            # is idempotent; an attach's lease lived on the old connection).
             if not self.auto_reconnect:
                 raise
-            try:
-                self.reconnect()
-            except BrokerUnavailable:
-                raise
+            self.recover()
             return self._conn.call(request)
 
     def call(self, op, **fields):
@@ -184,6 +227,7 @@ class Client:
         """Closes the connection; the broker ends every lease it carried."""
         for lease in list(self._leases):
             lease._released = True
+            lease._close_fd()
         if self._conn is not None:
             self._conn.close()
 
@@ -197,7 +241,8 @@ class Client:
         return f"<wbroker.Client {self.socket_path} broker={self.broker.get('version', '?')}>"
 
 
-def connect(socket=None, name=None, timeout=None, reconnect=True):
+def connect(socket=None, name=None, timeout=None, reconnect=True, **backoff):
     """Connects to wbrokerd at `socket` (default $WBROKER_SOCKET, else
-    /run/wbroker/wbroker.sock). Raises BrokerUnavailable naming the path."""
-    return Client(socket=socket, name=name, timeout=timeout, reconnect=reconnect)
+    /run/wbroker/wbroker.sock). Raises BrokerUnavailable naming the path.
+    `backoff`: reconnect_attempts, backoff_initial, backoff_max (see Client)."""
+    return Client(socket=socket, name=name, timeout=timeout, reconnect=reconnect, **backoff)

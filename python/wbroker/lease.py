@@ -123,6 +123,9 @@ class Lease:
         self._released = False
         self._mmap = None
         self._device_import = None
+        self._fd = -1  # host: a dup of the memfd, handed back by reattach after a broker restart
+        self.broker_device = reply.get("device", "cpu")
+        self.device_uuid = None
         if self.arena_kind == "memfd":
             if len(fds) != 1:
                 raise ProtocolError(f"memfd arena needs exactly 1 fd, got {len(fds)}")
@@ -133,6 +136,7 @@ class Lease:
             # so this mapping can never change the weights other workers see.
             self._mmap = mmap.mmap(fds[0], self.arena_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) \
                 if self.arena_size else None
+            self._fd = os.dup(fds[0])  # close-on-exec, like every dup in Python
             self.on_device = False
         elif self.arena_kind in ("cuda-vmm", "cuda-ipc"):
             from .cuda import DeviceImport
@@ -233,12 +237,37 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self._close_fd()
         if self._conn is not None and not self._conn.closed and self._conn is self._client._conn:
             try:
                 self._conn.call({"op": "release", "lease": self.id})
             except ConnectionLost:
                 pass  # the broker dropped the connection: the lease ended with it
         self._client._forget(self)
+
+    def _reregister(self):
+        """Re-registers this lease with a restarted broker on the client's new
+        connection (verb "reattach"): same model, full commit, dtype and
+        device; a host lease hands back its memfd, which the broker checks
+        (and adopts when it has not loaded the model). The mapping is kept."""
+        req = {"op": "reattach", "model": self.model, "revision": self.revision,
+               "device": f"cuda:{self.device_uuid}" if self.device_uuid else self.broker_device}
+        if self.requested.get("dtype"):
+            req["dtype"] = self.requested["dtype"]
+        reply, fds = self._client._conn.call(req, fds=[self._fd] if self._fd >= 0 else [])
+        from .protocol import _close_all
+        _close_all(fds)
+        self.id = reply["lease"]
+        self._conn = self._client._conn
+        return reply
+
+    def _close_fd(self):
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self):
+        self._close_fd()
 
     def reattach(self):
         """A new lease on the same model and full commit, reconnecting if the

@@ -117,16 +117,24 @@ class Connection:
     def fileno(self):
         return -1 if self._sock is None else self._sock.fileno()
 
-    def call(self, request):
+    def call(self, request, fds=()):
         """Sends `request` (a dict with "op") and returns (reply, fds). A reply
-        with ok=false raises the broker's error; received fds are the caller's."""
+        with ok=false raises the broker's error; received fds are the caller's.
+        `fds` (borrowed) ride with the first byte; the body says how many."""
         with self._lock:
             if self._sock is None:
                 raise ConnectionLost(f"connection to {self.path} is closed")
             rid = next(self._ids)
             msg = dict(request, id=rid)
+            if fds:
+                msg["fds"] = len(fds)
             try:
-                self._sock.sendall(encode_frame(msg))
+                data = encode_frame(msg)
+                if fds:
+                    sent = socket.send_fds(self._sock, [data], list(fds))
+                    self._sock.sendall(data[sent:])
+                else:
+                    self._sock.sendall(data)
                 reply, fds = self._read_frame()
                 # Events may come before the reply: hand them on, keep reading.
                 while "event" in reply and "ok" not in reply:

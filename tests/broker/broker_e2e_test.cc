@@ -331,6 +331,66 @@ TEST_F(BrokerE2E, ClientKeepsItsMappingAcrossABrokerCrashAndReattachesAfterResta
   ExpectGoodContents(**lease);
 }
 
+/// The inode of the file mapped at `base` in this process (/proc/self/maps).
+uint64_t MappedInode(const void* base) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  const auto want = reinterpret_cast<uintptr_t>(base);
+  while (std::getline(maps, line)) {
+    std::istringstream in(line);
+    std::string range, perms, offset, dev;
+    uint64_t inode = 0;
+    in >> range >> perms >> offset >> dev >> inode;
+    if (std::stoull(range.substr(0, range.find('-')), nullptr, 16) == want) return inode;
+  }
+  return 0;
+}
+
+TEST_F(BrokerE2E, ClientReRegistersItsLeaseAfterACrashAndTheBrokerAdoptsItsMemfd) {
+  auto broker = std::make_unique<BrokerProcess>(Opts());
+  ClientOptions o;
+  o.socket_path = socket_.string();
+  o.reconnect_attempts = 3;
+  o.backoff_initial = std::chrono::milliseconds(1);
+  auto c = Client::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  auto lease = (*c)->Attach("org/good");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  const uint64_t inode = MappedInode((*lease)->arena_base());
+  ASSERT_NE(inode, 0u);
+  broker->Signal(SIGKILL);
+  broker.reset();
+  ExpectGoodContents(**lease);  // serving from the mapping while no broker runs
+
+  // No broker: the bounded backoff gives up, and the lease is kept.
+  auto down = (*c)->Call({{"op", "ping"}});
+  EXPECT_EQ(down.status().code(), ErrorCode::kUnavailable) << down.status().ToString();
+  EXPECT_THAT(down.status().message(), HasSubstr("3 attempts"));
+  EXPECT_FALSE((*lease)->released());
+
+  BrokerProcess restarted(Opts());
+  auto up = (*c)->Call({{"op", "ping"}});  // reconnects and re-registers
+  ASSERT_TRUE(up.ok()) << up.status().ToString();
+  EXPECT_FALSE((*lease)->released());
+  json row = ModelRow(**c, "org/good");
+  EXPECT_EQ(row["state"], "ready");
+  EXPECT_EQ(row["adopted"], true);
+  EXPECT_EQ(row["leases"], 1);
+  EXPECT_THAT(restarted.Log(), HasSubstr("adopted"));
+
+  // A new attach gets the memfd the old client maps: still one copy.
+  auto c2 = Connect();
+  ASSERT_TRUE(c2);
+  auto again = c2->Attach("org/good");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(MappedInode((*again)->arena_base()), inode);
+  ExpectGoodContents(**again);
+  ExpectGoodContents(**lease);
+  // The re-registered lease id is the one the broker knows.
+  EXPECT_TRUE((*lease)->Release().ok());
+  EXPECT_EQ(ModelRow(*c2, "org/good")["leases"], 1);
+}
+
 TEST_F(BrokerE2E, SigtermStopsGracefullyAndRemovesTheSocket) {
   BrokerProcess broker(Opts());
   auto c = Connect();

@@ -2,6 +2,7 @@
 // that map sealed arenas read-only.
 #include "wbroker/client/client.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -9,8 +10,12 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
+#include <set>
+#include <span>
+#include <thread>
 
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/frame.h"
@@ -23,46 +28,80 @@
 
 namespace wbroker::client {
 
+namespace {
+
+Status ReplyStatus(const nlohmann::json& body) {
+  if (body.value("ok", false)) return Status::Ok();
+  auto err = body.find("error");
+  if (err == body.end() || !err->is_object())
+    return Status(ErrorCode::kProtocol, "broker reply has neither ok nor error");
+  std::string code = err->value("code", "internal");
+  std::string message = err->value("message", "(no message)");
+  return Status(ErrorCodeFromName(code).value_or(ErrorCode::kInternal), message);
+}
+
+}  // namespace
+
 /// The socket, shared by the Client and its Leases; one request at a time.
+/// After the broker went away it reconnects (with backoff) and re-registers
+/// the live leases, so that they survive a broker restart.
 class Connection {
  public:
-  Connection(UniqueFd fd, std::string path, std::chrono::milliseconds timeout)
-      : fd_(std::move(fd)), path_(std::move(path)), timeout_(timeout) {}
+  Connection(std::string path, const ClientOptions& options, std::string client_name)
+      : path_(std::move(path)), options_(options), client_name_(std::move(client_name)) {}
 
-  /// Sends `request` and waits for the reply with the same id. Events that
-  /// arrive first are recorded.
+  /// Connects and says hello once; no backoff (Client::Connect reports failure).
+  Result<nlohmann::json> Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return OpenLocked();
+  }
+
+  /// Sends `request` and waits for the reply with the same id; recovers a
+  /// broken connection first, and once more when it breaks during the call.
   Result<Frame> Call(nlohmann::json request) {
-    std::unique_lock<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!fd_) {
+      if (!options_.reconnect)
+        return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
+      WB_RETURN_IF_ERROR(RecoverLocked().status());
+    }
+    auto frame = CallLocked(request, {});
+    if (frame.ok() || fd_ || !options_.reconnect ||
+        frame.status().code() != ErrorCode::kUnavailable)
+      return frame;
+    // Broken during the call (restart, crash): attach is idempotent, and the
+    // other verbs are safe to repeat.
+    WB_RETURN_IF_ERROR(RecoverLocked().status());
+    return CallLocked(std::move(request), {});
+  }
+
+  /// Reconnects now and re-registers the leases.
+  Result<size_t> Recover() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return RecoverLocked();
+  }
+
+  /// Remembers `lease` for re-registration after a reconnect.
+  void Register(Lease* lease) {
+    std::lock_guard<std::mutex> lock(mu_);
+    leases_.insert(lease);
+  }
+
+  /// Ends `lease` at the broker. A broken connection is not recovered for
+  /// this: the broker ended the lease when the connection closed.
+  Status Release(Lease& lease) {
+    std::lock_guard<std::mutex> lock(mu_);
+    leases_.erase(&lease);
     if (!fd_)
       return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
-    uint64_t id = next_id_++;
-    request["id"] = id;
-    Status s = WriteFrameBlocking(fd_.get(), request);
-    if (!s.ok()) return Broken(s);
-    for (;;) {
-      if (timeout_.count() > 0) {
-        pollfd p{fd_.get(), POLLIN, 0};
-        int rc = ::poll(&p, 1, static_cast<int>(timeout_.count()));
-        if (rc == 0)
-          return Broken(Status(ErrorCode::kUnavailable,
-                               fmt::format("wbrokerd did not answer within {} ms", timeout_.count())));
-      }
-      auto frame = ReadFrameBlocking(fd_.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
-      if (!frame.ok()) return Broken(frame.status());
-      if (frame->body.contains("event") && !frame->body.contains("ok")) {
-        RecordEvent(frame->body);
-        continue;
-      }
-      auto rid = frame->body.find("id");
-      // Frames without our id (a broker notice before closing) still end the call.
-      if (rid != frame->body.end() && *rid != id) continue;
-      return frame;
-    }
+    WB_ASSIGN_OR_RETURN(Frame reply, CallLocked({{"op", "release"}, {"lease", lease.id_}}, {}));
+    return ReplyStatus(reply.body);
   }
 
   std::string path() const { return path_; }
 
   /// Reads every frame already waiting, without blocking; records events.
+  /// Does not reconnect: a broken connection is recovered by the next call.
   Status Poll() {
     std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
     if (!lock.owns_lock()) return Status::Ok();  // a call is reading: it records them
@@ -114,6 +153,109 @@ class Connection {
     if (handler) handler(e);
   }
 
+  Result<nlohmann::json> OpenLocked() {
+    WB_ASSIGN_OR_RETURN(fd_, ConnectUnixSocket(path_));
+    WB_ASSIGN_OR_RETURN(
+        Frame hello,
+        CallLocked({{"op", "hello"},
+                    {"protocol", kProtocolVersion},
+                    {"client", client_name_},
+                    {"events", {"superseded"}}},
+                   {}));
+    Status s = ReplyStatus(hello.body);
+    if (!s.ok()) {
+      fd_.reset();
+      return s;
+    }
+    return std::move(hello.body);
+  }
+
+  /// Connects with exponential backoff, then re-registers every lease; a
+  /// lease the new broker refuses is marked released. Returns that count.
+  Result<size_t> RecoverLocked() {
+    fd_.reset();
+    {
+      // Notices name lease ids of the old connection; the leases get new ids.
+      std::lock_guard<std::mutex> lock(events_mu_);
+      superseded_.clear();
+    }
+    auto delay = options_.backoff_initial;
+    const int attempts = std::max(1, options_.reconnect_attempts);
+    for (int attempt = 1;; ++attempt) {
+      auto hello = OpenLocked();
+      if (hello.ok()) break;
+      if (attempt >= attempts)
+        return hello.status().WithContext(
+            fmt::format("reconnecting to wbrokerd ({} attempts)", attempts));
+      std::this_thread::sleep_for(delay);
+      delay = std::min(delay * 2, options_.backoff_max);
+    }
+    size_t lost = 0;
+    for (auto it = leases_.begin(); it != leases_.end();) {
+      Status s = ReregisterLocked(**it);
+      if (s.ok()) {
+        ++it;
+        continue;
+      }
+      if (!fd_) return s;  // the new connection broke too
+      (*it)->released_ = true;
+      it = leases_.erase(it);
+      ++lost;
+    }
+    return lost;
+  }
+
+  /// "reattach": the lease's model, full commit and device; a host lease
+  /// sends the memfd it maps so that the broker can check (or adopt) it.
+  Status ReregisterLocked(Lease& lease) {
+    nlohmann::json req = {{"op", "reattach"},
+                          {"model", lease.model_},
+                          {"revision", lease.revision_},
+                          {"device", lease.device_uuid_.empty() ? lease.broker_device_
+                                                                : "cuda:" + lease.device_uuid_}};
+    std::vector<int> fds;
+    if (lease.memfd_) {
+      fds.push_back(lease.memfd_.get());
+      req["fds"] = fds.size();
+    }
+    WB_ASSIGN_OR_RETURN(Frame reply, CallLocked(std::move(req), fds));
+    WB_RETURN_IF_ERROR(ReplyStatus(reply.body));
+    auto id = reply.body.find("lease");
+    if (id == reply.body.end() || !id->is_number_unsigned())
+      return Status(ErrorCode::kProtocol, "reattach reply without a lease id");
+    lease.id_ = id->get<uint64_t>();
+    return Status::Ok();
+  }
+
+  Result<Frame> CallLocked(nlohmann::json request, std::span<const int> fds) {
+    if (!fd_)
+      return Status(ErrorCode::kUnavailable, "connection to wbrokerd at " + path_ + " is closed");
+    uint64_t id = next_id_++;
+    request["id"] = id;
+    Status s = WriteFrameBlocking(fd_.get(), request, fds);
+    if (!s.ok()) return Broken(s);
+    for (;;) {
+      if (options_.timeout.count() > 0) {
+        pollfd p{fd_.get(), POLLIN, 0};
+        int rc = ::poll(&p, 1, static_cast<int>(options_.timeout.count()));
+        if (rc == 0)
+          return Broken(Status(
+              ErrorCode::kUnavailable,
+              fmt::format("wbrokerd did not answer within {} ms", options_.timeout.count())));
+      }
+      auto frame = ReadFrameBlocking(fd_.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
+      if (!frame.ok()) return Broken(frame.status());
+      if (frame->body.contains("event") && !frame->body.contains("ok")) {
+        RecordEvent(frame->body);
+        continue;
+      }
+      auto rid = frame->body.find("id");
+      // Frames without our id (a broker notice before closing) still end the call.
+      if (rid != frame->body.end() && *rid != id) continue;
+      return frame;
+    }
+  }
+
   Status Broken(const Status& s) {
     fd_.reset();
     if (s.code() == ErrorCode::kUnavailable)
@@ -122,29 +264,17 @@ class Connection {
     return s;
   }
 
-  std::mutex mu_;                                        ///< serializes calls
-  UniqueFd fd_;                                          ///< the socket; empty once broken
-  const std::string path_;                               ///< for messages
-  const std::chrono::milliseconds timeout_;              ///< per call, 0 = none
-  uint64_t next_id_ = 1;                                 ///< request ids
-  mutable std::mutex events_mu_;                         ///< guards superseded_ and handler_
+  std::mutex mu_;                  ///< serializes calls and guards leases_
+  UniqueFd fd_;                    ///< the socket; empty once broken
+  const std::string path_;         ///< for connects and messages
+  const ClientOptions options_;    ///< timeout and reconnect policy
+  const std::string client_name_;  ///< sent with every hello
+  uint64_t next_id_ = 1;           ///< request ids
+  std::set<Lease*> leases_;        ///< live leases to re-register (not owned)
+  mutable std::mutex events_mu_;   ///< guards superseded_ and handler_
   std::map<uint64_t, SupersededEvent> superseded_;       ///< lease id -> its notice
   std::function<void(const SupersededEvent&)> handler_;  ///< Client::SetSupersededHandler
 };
-
-namespace {
-
-Status ReplyStatus(const nlohmann::json& body) {
-  if (body.value("ok", false)) return Status::Ok();
-  auto err = body.find("error");
-  if (err == body.end() || !err->is_object())
-    return Status(ErrorCode::kProtocol, "broker reply has neither ok nor error");
-  std::string code = err->value("code", "internal");
-  std::string message = err->value("message", "(no message)");
-  return Status(ErrorCodeFromName(code).value_or(ErrorCode::kInternal), message);
-}
-
-}  // namespace
 
 /// The Lease internals that Attach() fills in (a friend of Lease).
 struct LeaseAccess {
@@ -205,8 +335,6 @@ Result<std::unique_ptr<Lease>> LeaseAccess::AttachDevice(std::unique_ptr<Lease> 
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   std::unique_ptr<Client> c(new Client());
   c->socket_path_ = options.socket_path.empty() ? DefaultSocketPath() : options.socket_path;
-  WB_ASSIGN_OR_RETURN(UniqueFd fd, ConnectUnixSocket(c->socket_path_));
-  c->conn_ = std::make_shared<Connection>(std::move(fd), c->socket_path_, options.timeout);
   std::string name = options.client_name;
   if (name.empty()) {
     char exe[256] = {0};
@@ -214,10 +342,8 @@ Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
     name = n > 0 ? std::string(exe, static_cast<size_t>(n)) : "wbroker-client";
     name = name.substr(name.find_last_of('/') + 1);
   }
-  WB_ASSIGN_OR_RETURN(c->broker_info_, c->Call({{"op", "hello"},
-                                                {"protocol", kProtocolVersion},
-                                                {"client", name},
-                                                {"events", {"superseded"}}}));
+  c->conn_ = std::make_shared<Connection>(c->socket_path_, options, name);
+  WB_ASSIGN_OR_RETURN(c->broker_info_, c->conn_->Open());
   return c;
 }
 
@@ -247,8 +373,20 @@ Result<nlohmann::json> Client::Call(nlohmann::json request) {
   return std::move(frame.body);
 }
 
+Result<size_t> Client::Recover() {
+  return conn_->Recover();
+}
+
 Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const std::string& revision,
                                               const std::string& device) {
+  auto lease = AttachOnce(model, revision, device);
+  if (lease.ok()) conn_->Register(lease->get());
+  return lease;
+}
+
+Result<std::unique_ptr<Lease>> Client::AttachOnce(const std::string& model,
+                                                  const std::string& revision,
+                                                  const std::string& device) {
   nlohmann::json req = {{"op", "attach"}, {"model", model}};
   if (!revision.empty()) req["revision"] = revision;
   if (!device.empty()) req["device"] = device;
@@ -270,6 +408,7 @@ Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const st
     lease->revision_ = body.at("revision").get<std::string>();
     lease->snapshot_ = body.value("snapshot", "");
     lease->device_ = body.value("device", "cpu");
+    lease->broker_device_ = lease->device_;
     lease->backend_ = body.value("backend", "host");
     if (auto md = body.find("metadata"); md != body.end() && md->is_object()) {
       for (const auto& [k, v] : md->items())
@@ -308,6 +447,10 @@ Result<std::unique_ptr<Lease>> Client::Attach(const std::string& model, const st
   LeaseAccess::FillTensors(*lease, std::move(tensors), map.bytes());
   lease->base_ = map.data();
   lease->mapping_ = std::move(map);
+  // Kept for reattach: after a broker restart the memfd goes back to the new
+  // broker, which checks it is (or adopts it as) its arena.
+  lease->memfd_.reset(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!lease->memfd_) return ErrnoStatus("dup arena fd");
   return lease;
 }
 
@@ -319,9 +462,8 @@ const TensorView* Lease::Find(const std::string& name) const {
 Status Lease::Release() {
   if (released_) return Status::Ok();
   released_ = true;
-  auto reply = conn_->Call({{"op", "release"}, {"lease", id_}});
-  if (!reply.ok()) return reply.status();
-  return ReplyStatus(reply->body);
+  memfd_.reset();
+  return conn_->Release(*this);
 }
 
 Lease::~Lease() {

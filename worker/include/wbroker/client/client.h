@@ -22,6 +22,7 @@
 #include "wbroker/common/dtype.h"
 #include "wbroker/common/mapping.h"
 #include "wbroker/common/status.h"
+#include "wbroker/common/unique_fd.h"
 
 namespace wbroker::client {
 
@@ -88,6 +89,8 @@ class Lease {
   /// Tells the broker the lease is over (also done by the destructor). The
   /// mapping stays valid until the Lease is destroyed.
   Status Release();
+  /// True after Release(), or when a reconnect could not re-register it.
+  bool released() const { return released_; }
 
   /// The revision the attach asked for ("" = main), to re-attach the same way.
   const std::string& requested_revision() const { return requested_revision_; }
@@ -99,6 +102,7 @@ class Lease {
 
  private:
   friend class Client;
+  friend class Connection;
   friend struct LeaseAccess;
   Lease() = default;
 
@@ -114,6 +118,8 @@ class Lease {
   std::map<std::string, std::string> metadata_;
   MappedRegion mapping_;               ///< the read-only arena mapping, unmapped with the Lease
   std::string device_uuid_;            ///< GPU arenas: the device's UUID
+  std::string broker_device_;          ///< the device in the broker's numbering (for reattach)
+  UniqueFd memfd_;                     ///< host arenas: a dup of the memfd, handed back by reattach
   /// GPU arenas: owner of the imported mapping (type-erased so that no CUDA
   /// type appears here); unmapped before the lease is released.
   std::shared_ptr<void> device_import_;
@@ -124,6 +130,13 @@ struct ClientOptions {
   std::string socket_path;  ///< "" = $WBROKER_SOCKET, else /run/wbroker/wbroker.sock
   std::string client_name;  ///< shown in `wbrokerctl status`
   std::chrono::milliseconds timeout{0};  ///< per request; 0 = wait forever (loads can be slow)
+  /// When the broker goes away (restart, crash), the next call reconnects
+  /// and re-registers every live lease ("reattach"; host leases hand their
+  /// memfd back). Off: calls fail with kUnavailable, leases end.
+  bool reconnect = true;
+  int reconnect_attempts = 10;                    ///< connects tried per recovery
+  std::chrono::milliseconds backoff_initial{50};  ///< wait after the first failed connect
+  std::chrono::milliseconds backoff_max{2000};    ///< waits double up to this
 };
 
 /// A connection to wbrokerd. One request at a time (calls are serialized).
@@ -145,12 +158,19 @@ class Client {
   /// Called for each SupersededEvent on the thread that read it, inside that
   /// call: the handler must not call this Client (set a flag, wake a thread).
   void SetSupersededHandler(std::function<void(const SupersededEvent&)> handler);
+  /// Reconnects now (with backoff) and re-registers the live leases; also
+  /// done by any call after the connection broke. Returns how many leases
+  /// could not be re-registered (they are marked released).
+  Result<size_t> Recover();
   /// The broker's hello reply ("broker": {version, pid, uid, device, backend}).
   const nlohmann::json& broker_info() const { return broker_info_; }
   const std::string& socket_path() const { return socket_path_; }
 
  private:
   Client() = default;
+  /// Attach without registering the lease for reattach.
+  Result<std::unique_ptr<Lease>> AttachOnce(const std::string& model, const std::string& revision,
+                                            const std::string& device);
   std::shared_ptr<Connection> conn_;  ///< shared with leases
   nlohmann::json broker_info_;        ///< from hello
   std::string socket_path_;           ///< where we connected
