@@ -185,7 +185,7 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
 Result<std::shared_ptr<ModelEntry>> ModelRegistry::Adopt(const ResolvedModel& model,
                                                          std::optional<DType> cast_to,
                                                          LoadedModel loaded) {
-  const std::string key = KeyOf(model, cast_to);
+  const std::string key = ModelKey(model, cast_to);
   auto it = entries_.find(key);
   if (it != entries_.end() && it->second->state != ModelState::kFailed)
     return Status(ErrorCode::kAlreadyExists, fmt::format("model {} is already {} here", key,

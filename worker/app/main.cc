@@ -100,16 +100,32 @@ class RevisionFollower {
   }
 
   void Step() {
-    if (Status st = options_.client->PollEvents(); !st.ok()) {
-      if (!broken_logged_) spdlog::warn("broker connection: {}", st.message());
+    if (std::chrono::steady_clock::now() < retry_at_) return;
+    if (wbroker::Status st = options_.client->PollEvents(); !st.ok()) {
+      // The broker went away (restart, upgrade): reconnect with backoff and
+      // re-register the lease, so a restarted broker adopts our arena
+      // instead of loading a second copy. Requests go on meanwhile.
+      if (!broken_logged_) spdlog::warn("broker connection: {}; reconnecting", st.message());
       broken_logged_ = true;
-      return;
+      auto lost = options_.client->Recover();
+      if (!lost.ok()) {
+        retry_at_ = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        return;
+      }
+      broken_logged_ = false;
+      spdlog::info("reconnected to wbrokerd at {}; lease re-registered: {}",
+                   options_.client->socket_path(), *lost == 0 ? "yes" : "no");
     }
     auto event = current_ ? current_->Superseded() : pending_;
+    if (!event && current_ && current_->LeaseLost()) {
+      // The new broker refused our lease: attach afresh, as after a swap.
+      event = wbroker::client::SupersededEvent{0, options_.model, "", "", "", false};
+      spdlog::warn("the broker did not take our lease back: attaching {} again", options_.model);
+    }
     if (!event) return;
-    if (std::chrono::steady_clock::now() < retry_at_) return;
     if (current_) {
-      spdlog::info("{}@{} was replaced by {} at the broker: re-attaching", event->model,
+      if (!event->new_revision.empty())
+        spdlog::info("{}@{} was replaced by {} at the broker: re-attaching", event->model,
                    event->revision.substr(0, 12), event->new_revision.substr(0, 12));
       sd_notifyf(0, "STATUS=switching to %s@%s", event->model.c_str(), event->new_revision.c_str());
     }

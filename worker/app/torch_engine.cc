@@ -297,6 +297,8 @@ std::string TorchEngine::weights_source() const {
   return state_->source;
 }
 
+bool TorchEngine::LeaseLost() const { return state_->lease && state_->lease->released(); }
+
 std::optional<client::SupersededEvent> TorchEngine::Superseded() const {
   return state_->lease ? state_->lease->superseded_event() : std::nullopt;
 }

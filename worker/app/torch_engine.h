@@ -54,6 +54,9 @@ class TorchEngine : public http::Engine {
   /// The broker's notice that the attached revision was replaced (read by
   /// Client::PollEvents()); nullopt while current or for --from-disk.
   std::optional<client::SupersededEvent> Superseded() const;
+  /// True when the broker no longer counts this engine's lease (it could not
+  /// be re-registered after a broker restart): attach again.
+  bool LeaseLost() const;
 
  private:
   struct State;
