@@ -386,6 +386,10 @@ INSTANTIATE_TEST_SUITE_P(Each, HostileCaseTest, ::testing::ValuesIn(Cases()),
 
 TEST_F(HostileClients, FdsSentToTheBrokerAreClosedByIt) {
   BrokerProcess broker(Opts());
+  auto watcher = Connect();
+  ASSERT_TRUE(watcher);
+  ASSERT_EQ(WaitForConnections(*watcher, 1), 1u);
+  const size_t baseline = FdCount(broker.pid());
   int p[2];
   ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
   UniqueFd read_end(p[0]), write_end(p[1]);
@@ -400,6 +404,14 @@ TEST_F(HostileClients, FdsSentToTheBrokerAreClosedByIt) {
   ASSERT_EQ(::poll(&pf, 1, 10000), 1) << "the broker still holds the pipe's write end";
   char c;
   EXPECT_EQ(::read(read_end.get(), &c, 1), 0);
+  // Nothing else stays open either: the same descriptor count as before.
+  EXPECT_EQ(WaitForConnections(*watcher, 1), 1u);
+  size_t now = FdCount(broker.pid());
+  for (int i = 0; i < 500 && now != baseline; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    now = FdCount(broker.pid());
+  }
+  EXPECT_EQ(now, baseline) << "/proc/" << broker.pid() << "/fd grew";
   ASSERT_NO_FATAL_FAILURE(ExpectServedCorrectly(broker));
 }
 
@@ -661,6 +673,13 @@ TEST_F(HostileClients, ClientKilledRightAfterAttachLeavesNoLease) {
   ASSERT_NE(w, nullptr);
   std::string want = FixtureTensorData({"w", DType::kU8, {48u << 20}, ""});
   EXPECT_EQ(std::memcmp(w->data, want.data(), want.size()), 0);
+  ASSERT_TRUE((*lease)->Release().ok());
+  // Not leaked: with the last lease gone an ordinary unload frees it.
+  auto unload = watcher->Call({{"op", "unload"}, {"model", "org/big"}});
+  ASSERT_TRUE(unload.ok()) << unload.status().ToString();
+  EXPECT_EQ((*unload)["unloaded"].size(), 1u) << unload->dump();
+  st = Status(*watcher);
+  for (const auto& m : st["models"]) EXPECT_NE(m["model"], "org/big") << st.dump();
 }
 
 }  // namespace
