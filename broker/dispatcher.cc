@@ -139,6 +139,20 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   auto arena = FindDevice(*device);
   if (!arena.ok()) return s->SendError(id, arena.status());
   const DeviceArena* dev = *arena;
+  // Before the cache is consulted: a refused peer learns nothing about it.
+  if (Status st = CheckModelAccess(*s, req, "attach"); !st.ok()) return s->SendError(id, st);
+  // Attaches still waiting for a load count too, or a client could queue
+  // any number of them behind a slow load.
+  const size_t limit = ctx_.config->max_leases_per_client;
+  if (s->lease_count() + s->in_flight() >= limit) {
+    spdlog::warn("client {} (pid {} uid {}): attach refused: max_leases_per_client ({}) reached",
+                 s->id(), s->peer().pid, s->peer().uid, limit);
+    return s->SendError(
+        id, Status(ErrorCode::kResourceExhausted,
+                   fmt::format("this connection holds {} lease(s) and waits for {} more; "
+                               "max_leases_per_client is {}: release a lease first",
+                               s->lease_count(), s->in_flight(), limit)));
+  }
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) {
     spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
@@ -148,11 +162,13 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   auto cast = CastOf(req);
   if (!cast.ok()) return s->SendError(id, cast.status());
   std::weak_ptr<Session> weak = s;
+  s->StartedAsync();
   dev->registry->Acquire(
       *resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
       [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;  // client went away while the model loaded
+        s->FinishedAsync();
         if (!entry.ok()) return s->SendError(id, entry.status());
         const auto& e = *entry;
         auto exported = e->loaded.arena->Export();
@@ -199,11 +215,21 @@ void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {
 }
 
 Status Dispatcher::CheckAdmin(const Session& s, const char* verb) const {
-  if (s.peer().uid == 0 || s.peer().uid == ::geteuid()) return Status::Ok();
-  spdlog::warn("refused {} from pid {} uid {}: not an admin", verb, s.peer().pid, s.peer().uid);
-  return Status(ErrorCode::kPermissionDenied,
-                fmt::format("{} is an admin verb: uid {} is neither root nor the broker's uid {}",
-                            verb, s.peer().uid, ::geteuid()));
+  Status st = ctx_.access->CheckAdmin(s.peer(), verb);
+  if (!st.ok())
+    spdlog::warn("refused {} from pid {} uid {} gid {} (client {}): {}", verb, s.peer().pid,
+                 s.peer().uid, s.peer().gid, s.id(), st.message());
+  return st;
+}
+
+Status Dispatcher::CheckModelAccess(const Session& s, const json& req, const char* verb) const {
+  auto model = OptString(req, "model");
+  if (!model.ok() || model->empty()) return Status::Ok();  // refused later, saying why
+  Status st = ctx_.access->CheckModel(s.peer(), *model, verb);
+  if (!st.ok())
+    spdlog::warn("refused {} from pid {} uid {} gid {} (client {}): {}", verb, s.peer().pid,
+                 s.peer().uid, s.peer().gid, s.id(), st.message());
+  return st;
 }
 
 void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
@@ -227,6 +253,7 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
     s->SendError(id, status);
   };
   if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return refuse(admin);
+  if (Status allowed = CheckModelAccess(*s, req, "load"); !allowed.ok()) return refuse(allowed);
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) return refuse(resolved.status());
   auto cast = CastOf(req);
@@ -238,11 +265,13 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const DeviceArena* dev = *arena;
   if (stream) stream->SetTarget(resolved->model, resolved->commit, dev->backend->device());
   std::weak_ptr<Session> weak = s;
+  s->StartedAsync();
   dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false,
                          [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
                            if (stream) stream->Finish(entry);
                            auto s = weak.lock();
                            if (!s || s->closed()) return;
+                           s->FinishedAsync();
                            if (!entry.ok()) return s->SendError(id, entry.status());
                            json r = Reply(req);
                            r["model"] = (*entry)->resolved.model;

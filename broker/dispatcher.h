@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "access_policy.h"
 #include "backend.h"
 #include "config.h"
 #include "memory_budget.h"
@@ -34,6 +35,7 @@ struct DispatcherContext {
   std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
   BrokerMetrics* metrics = nullptr;               ///< error counts and the `metrics` verb
+  const AccessPolicy* access = nullptr;           ///< allow-lists and the admin group
 };
 
 /// Implements every protocol verb: hello, attach, release, status, load (with
@@ -62,9 +64,12 @@ class Dispatcher final : public RequestHandler {
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
-  /// Admin verbs: Ok for root or the broker's own uid; otherwise logs the
-  /// refusal (pid, uid) and returns the kPermissionDenied sent to the peer.
+  /// Admin verbs: Ok for root, the broker's own uid or the admin group;
+  /// otherwise logs the refusal (pid, uid, gid) and returns the
+  /// kPermissionDenied sent to the peer.
   Status CheckAdmin(const Session& s, const char* verb) const;
+  /// The model's allow-list ([[access]]) for `verb`; logs and returns a refusal.
+  Status CheckModelAccess(const Session& s, const nlohmann::json& req, const char* verb) const;
   /// Resolves the request's "model"/"revision" in the cache.
   Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
   /// The cast a request asks for with "dtype" (bf16/fp16/fp32; ""/"auto" =
