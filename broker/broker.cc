@@ -2,6 +2,7 @@
 
 #include <grp.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -92,6 +93,18 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   ctx.on_adopted = [self](const DeviceArena& dev, const ModelEntry& e) {
     self->StoreArena(*dev.backend, e);
   };
+  std::optional<AccessGroup> admin_group;
+  if (!config.admin_group.empty()) {
+    auto g = ResolveGroup(config.admin_group);
+    if (!g.ok()) return g.status().WithContext("admin_group");
+    admin_group = *g;
+  }
+  b->access_ = std::make_unique<AccessPolicy>(config.access, admin_group, ::geteuid());
+  ctx.access = b->access_.get();
+  if (admin_group) spdlog::info("admin group: {} (gid {})", admin_group->name, admin_group->gid);
+  for (const auto& rule : config.access)
+    spdlog::info("access rule \"{}\": {} uid(s), {} group(s)", rule.model, rule.uids.size(),
+                 rule.groups.size());
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
@@ -119,6 +132,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   sopts.max_connections = config.max_connections;
   sopts.limits.max_frame_bytes = config.max_frame_bytes;
   sopts.limits.hello_timeout = std::chrono::milliseconds(config.hello_timeout_ms);
+  sopts.limits.idle_timeout = std::chrono::milliseconds(config.idle_timeout_ms);
   WB_ASSIGN_OR_RETURN(b->server_,
                       Server::Create(io, sopts, *b->dispatcher_, *b->devices_.front().registry));
   b->dispatcher_->set_server(b->server_.get());

@@ -11,6 +11,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "access_policy.h"
 #include "backend.h"
 #include "config.h"
 #include "dispatcher.h"
@@ -64,6 +65,7 @@ class Broker {
   };
 
   std::vector<DeviceSlot> devices_;           ///< the first is the default
+  std::unique_ptr<AccessPolicy> access_;      ///< allow-lists and the admin group
   std::unique_ptr<Dispatcher> dispatcher_;    ///< protocol verbs
   std::unique_ptr<Server> server_;            ///< the socket
   /// Prometheus metrics; declared after what it reads, so it goes first.

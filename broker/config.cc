@@ -20,6 +20,70 @@ Status KeyError(std::string_view label, std::string_view key, std::string_view w
   return Status(ErrorCode::kInvalidArgument, fmt::format("{}: {}: {}", label, key, why));
 }
 
+// One [[access]] table: model (id, glob or absolute path), uids, groups.
+Result<AccessRule> ParseAccessRule(const toml::table& tbl, std::string_view label,
+                                   const std::string& where) {
+  for (const auto& [k, v] : tbl) {
+    if (k.str() != "model" && k.str() != "uids" && k.str() != "groups")
+      return KeyError(label, fmt::format("{}.{}", where, k.str()), "unknown setting");
+  }
+  AccessRule rule;
+  auto model = tbl["model"].value<std::string>();
+  if (!model || model->empty())
+    return KeyError(label, where + ".model",
+                    "needs a model: a repo id (org/name), a glob (org/*) or an absolute path");
+  rule.model = *model;
+  const bool glob = rule.model.find_first_of("*?[") != std::string::npos;
+  if (rule.model.front() != '/' && !glob) {
+    Status id = ValidateRepoId(rule.model);
+    if (!id.ok())
+      return KeyError(label, where + ".model",
+                      fmt::format("{}; use an absolute path for a local directory", id.message()));
+  }
+  if (const auto* node = tbl.get("uids")) {
+    const auto* arr = node->as_array();
+    if (!arr) return KeyError(label, where + ".uids", "must be an array of numeric uids");
+    for (const auto& item : *arr) {
+      auto uid = item.value_exact<int64_t>();
+      if (!uid || *uid < 0 || *uid > 0xFFFFFFFELL)
+        return KeyError(label, where + ".uids", "must be an array of numeric uids");
+      rule.uids.push_back(static_cast<uid_t>(*uid));
+    }
+  }
+  if (const auto* node = tbl.get("groups")) {
+    const auto* arr = node->as_array();
+    if (!arr) return KeyError(label, where + ".groups", "must be an array of group names or gids");
+    for (const auto& item : *arr) {
+      std::string name;
+      if (auto str = item.value<std::string>()) {
+        name = *str;
+      } else if (auto gid = item.value_exact<int64_t>(); gid && *gid >= 0 && *gid <= 0xFFFFFFFELL) {
+        name = std::to_string(*gid);
+      } else {
+        return KeyError(label, where + ".groups", "must be an array of group names or gids");
+      }
+      auto g = ResolveGroup(name);
+      if (!g.ok()) return g.status().WithContext(fmt::format("{}: {}.groups", label, where));
+      rule.groups.push_back(*g);
+    }
+  }
+  return rule;
+}
+
+Result<std::vector<AccessRule>> ParseAccessRules(const toml::node& node, std::string_view label) {
+  const auto* arr = node.as_array();
+  if (!arr) return KeyError(label, "access", "must be an array of tables ([[access]])");
+  std::vector<AccessRule> out;
+  for (size_t i = 0; i < arr->size(); ++i) {
+    std::string where = fmt::format("access[{}]", i);
+    const auto* tbl = (*arr)[i].as_table();
+    if (!tbl) return KeyError(label, where, "must be a table {model = ..., uids = [...], groups = [...]}");
+    WB_ASSIGN_OR_RETURN(AccessRule rule, ParseAccessRule(*tbl, label, where));
+    out.push_back(std::move(rule));
+  }
+  return out;
+}
+
 }  // namespace
 
 Result<unsigned> ParseSocketMode(std::string_view text) {
@@ -81,7 +145,8 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       "socket",         "socket_mode",     "socket_group",    "cache_dir",
       "device",         "max_memory",      "log_level",       "load_on_attach",
       "loader_threads", "max_connections", "max_frame_bytes", "hello_timeout_ms",
-      "preload",        "cuda_sharing",    "dtype",           "metrics_listen"};
+      "preload",        "cuda_sharing",    "dtype",           "metrics_listen",
+      "idle_timeout_ms", "max_leases_per_client", "admin_group", "access"};
   for (const auto& [k, v] : t) {
     if (!kKeys.count(std::string(k.str())))
       return KeyError(label, k.str(), "unknown setting");
@@ -169,12 +234,26 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
     cfg.load_on_attach = *v;
   }
   WB_RETURN_IF_ERROR(get_uint("loader_threads", 256, cfg.loader_threads));
-  WB_RETURN_IF_ERROR(get_uint("max_connections", 1u << 20, cfg.max_connections));
-  WB_RETURN_IF_ERROR(get_uint("max_frame_bytes", 1u << 30, cfg.max_frame_bytes));
-  WB_RETURN_IF_ERROR(get_uint("hello_timeout_ms", 3600000, cfg.hello_timeout_ms));
+  WB_RETURN_IF_ERROR(get_uint("max_connections", kMaxConnectionsMax, cfg.max_connections));
+  WB_RETURN_IF_ERROR(get_uint("max_frame_bytes", kMaxFrameBytesMax, cfg.max_frame_bytes));
+  WB_RETURN_IF_ERROR(get_uint("hello_timeout_ms", kMaxHelloTimeoutMs, cfg.hello_timeout_ms));
+  WB_RETURN_IF_ERROR(get_uint("idle_timeout_ms", kMaxIdleTimeoutMs, cfg.idle_timeout_ms));
+  WB_RETURN_IF_ERROR(get_uint("max_leases_per_client", kMaxLeasesPerClientMax, cfg.max_leases_per_client));
+  if (cfg.max_leases_per_client == 0)
+    return KeyError(label, "max_leases_per_client", "must be at least 1");
+  WB_RETURN_IF_ERROR(get_string("admin_group", cfg.admin_group));
+  if (!cfg.admin_group.empty()) {
+    auto g = ResolveGroup(cfg.admin_group);
+    if (!g.ok()) return g.status().WithContext(std::string(label) + ": admin_group");
+  }
+  if (const auto* node = t.get("access")) {
+    auto rules = ParseAccessRules(*node, label);
+    if (!rules.ok()) return rules.status();
+    cfg.access = std::move(rules).value();
+  }
   if (cfg.loader_threads == 0) return KeyError(label, "loader_threads", "must be at least 1");
   if (cfg.max_connections == 0) return KeyError(label, "max_connections", "must be at least 1");
-  if (cfg.max_frame_bytes < 4096)
+  if (cfg.max_frame_bytes < kMaxFrameBytesMin)
     return KeyError(label, "max_frame_bytes", "must be at least 4096 (replies carry manifests)");
   if (cfg.hello_timeout_ms == 0) return KeyError(label, "hello_timeout_ms", "must be at least 1");
   if (const auto* node = t.get("preload")) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "access_policy.h"
 #include "wbroker/common/status.h"
 
 namespace wbroker::broker {
@@ -18,6 +19,14 @@ struct PreloadEntry {
   std::string dtype;     ///< "" = as stored; bf16|fp16|fp32 converts the float tensors
   std::string device;    ///< device to load on (as attach names it); "" = the first device
 };
+
+/// Ranges of the connection limits; the TOML keys and the flags check the same.
+inline constexpr unsigned kMaxConnectionsMax = 1u << 20;
+inline constexpr uint32_t kMaxFrameBytesMin = 4096;
+inline constexpr uint32_t kMaxFrameBytesMax = 1u << 30;
+inline constexpr unsigned kMaxHelloTimeoutMs = 3600000;
+inline constexpr unsigned kMaxIdleTimeoutMs = 86400000;
+inline constexpr unsigned kMaxLeasesPerClientMax = 1u << 20;
 
 /// Everything wbrokerd can be told. Command-line values override the file.
 struct BrokerConfig {
@@ -35,6 +44,10 @@ struct BrokerConfig {
   unsigned max_connections = 4096;        ///< concurrent client connections
   uint32_t max_frame_bytes = 16u << 20;   ///< largest request frame
   unsigned hello_timeout_ms = 10000;      ///< close connections that do not say hello
+  unsigned idle_timeout_ms = 0;           ///< close lease-less silent connections; 0 = never
+  unsigned max_leases_per_client = 1024;  ///< leases one connection may hold
+  std::string admin_group;                ///< group allowed the admin verbs; "" = none
+  std::vector<AccessRule> access;         ///< per-model allow-lists ([[access]])
   std::string metrics_listen;             ///< HOST:PORT for Prometheus /metrics; "" = off
   std::vector<PreloadEntry> preload;      ///< loaded before READY
   std::filesystem::path config_file;      ///< the --config file, re-read by `reload`/SIGHUP

@@ -170,6 +170,20 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   auto arena = FindDevice(*device);
   if (!arena.ok()) return s->SendError(id, arena.status());
   const DeviceArena* dev = *arena;
+  // Before the cache is consulted: a refused peer learns nothing about it.
+  if (Status st = CheckModelAccess(*s, req, "attach"); !st.ok()) return s->SendError(id, st);
+  // Attaches still waiting for a load count too, or a client could queue
+  // any number of them behind a slow load.
+  const size_t limit = ctx_.config->max_leases_per_client;
+  if (s->lease_count() + s->in_flight() >= limit) {
+    spdlog::warn("client {} (pid {} uid {}): attach refused: max_leases_per_client ({}) reached",
+                 s->id(), s->peer().pid, s->peer().uid, limit);
+    return s->SendError(
+        id, Status(ErrorCode::kResourceExhausted,
+                   fmt::format("this connection holds {} lease(s) and waits for {} more; "
+                               "max_leases_per_client is {}: release a lease first",
+                               s->lease_count(), s->in_flight(), limit)));
+  }
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) {
     spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
@@ -179,11 +193,13 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   auto cast = CastOf(req);
   if (!cast.ok()) return s->SendError(id, cast.status());
   std::weak_ptr<Session> weak = s;
+  s->StartedAsync();
   dev->registry->Acquire(
       *resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
       [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;  // client went away while the model loaded
+        s->FinishedAsync();
         if (!entry.ok()) return s->SendError(id, entry.status());
         const auto& e = *entry;
         auto exported = e->loaded.arena->Export();
@@ -228,6 +244,12 @@ void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) 
   auto arena = FindDevice(*device);
   if (!arena.ok()) return s->SendError(id, arena.status());
   const DeviceArena* dev = *arena;
+  // A re-registered lease is a lease: the same rules as attach.
+  if (Status st = CheckModelAccess(*s, req, "reattach"); !st.ok()) return s->SendError(id, st);
+  if (s->lease_count() + s->in_flight() >= ctx_.config->max_leases_per_client)
+    return s->SendError(id, Status(ErrorCode::kResourceExhausted,
+                                   fmt::format("max_leases_per_client is {}: release a lease first",
+                                               ctx_.config->max_leases_per_client)));
   auto revision = OptString(req, "revision");
   if (!revision.ok()) return s->SendError(id, revision.status());
   auto resolved = ResolveRequest(req);
@@ -366,11 +388,21 @@ void Dispatcher::DoRelease(const std::shared_ptr<Session>& s, const json& req) {
 }
 
 Status Dispatcher::CheckAdmin(const Session& s, const char* verb) const {
-  if (s.peer().uid == 0 || s.peer().uid == ::geteuid()) return Status::Ok();
-  spdlog::warn("refused {} from pid {} uid {}: not an admin", verb, s.peer().pid, s.peer().uid);
-  return Status(ErrorCode::kPermissionDenied,
-                fmt::format("{} is an admin verb: uid {} is neither root nor the broker's uid {}",
-                            verb, s.peer().uid, ::geteuid()));
+  Status st = ctx_.access->CheckAdmin(s.peer(), verb);
+  if (!st.ok())
+    spdlog::warn("refused {} from pid {} uid {} gid {} (client {}): {}", verb, s.peer().pid,
+                 s.peer().uid, s.peer().gid, s.id(), st.message());
+  return st;
+}
+
+Status Dispatcher::CheckModelAccess(const Session& s, const json& req, const char* verb) const {
+  auto model = OptString(req, "model");
+  if (!model.ok() || model->empty()) return Status::Ok();  // refused later, saying why
+  Status st = ctx_.access->CheckModel(s.peer(), *model, verb);
+  if (!st.ok())
+    spdlog::warn("refused {} from pid {} uid {} gid {} (client {}): {}", verb, s.peer().pid,
+                 s.peer().uid, s.peer().gid, s.id(), st.message());
+  return st;
 }
 
 void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
@@ -394,6 +426,7 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
     s->SendError(id, status);
   };
   if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return refuse(admin);
+  if (Status allowed = CheckModelAccess(*s, req, "load"); !allowed.ok()) return refuse(allowed);
   auto resolved = ResolveRequest(req);
   if (!resolved.ok()) return refuse(resolved.status());
   auto cast = CastOf(req);
@@ -405,10 +438,12 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const DeviceArena* dev = *arena;
   if (stream) stream->SetTarget(resolved->model, resolved->commit, dev->backend->device());
   std::weak_ptr<Session> weak = s;
+  s->StartedAsync();
   auto done = [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
     if (stream) stream->Finish(entry);
     auto s = weak.lock();
     if (!s || s->closed()) return;
+    s->FinishedAsync();
     if (!entry.ok()) return s->SendError(id, entry.status());
     json r = Reply(req);
     r["model"] = (*entry)->resolved.model;

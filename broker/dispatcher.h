@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "access_policy.h"
 #include "backend.h"
 #include "config.h"
 #include "memory_budget.h"
@@ -42,6 +43,7 @@ struct DispatcherContext {
   std::function<void(std::function<void(Result<nlohmann::json>)>)> reload;
   /// Called when a client's arena was adopted (the broker keeps it in the fd store).
   std::function<void(const DeviceArena&, const ModelEntry&)> on_adopted;
+  const AccessPolicy* access = nullptr;           ///< allow-lists and the admin group
 };
 
 /// Implements every protocol verb: hello, attach, reattach, release, status,
@@ -87,9 +89,12 @@ class Dispatcher final : public RequestHandler {
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   void DoReload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
-  /// Admin verbs: Ok for root or the broker's own uid; otherwise logs the
-  /// refusal (pid, uid) and returns the kPermissionDenied sent to the peer.
+  /// Admin verbs: Ok for root, the broker's own uid or the admin group;
+  /// otherwise logs the refusal (pid, uid, gid) and returns the
+  /// kPermissionDenied sent to the peer.
   Status CheckAdmin(const Session& s, const char* verb) const;
+  /// The model's allow-list ([[access]]) for `verb`; logs and returns a refusal.
+  Status CheckModelAccess(const Session& s, const nlohmann::json& req, const char* verb) const;
   /// Resolves the request's "model"/"revision" in the cache.
   Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
   /// The cast a request asks for with "dtype" (bf16/fp16/fp32; ""/"auto" =

@@ -1,5 +1,6 @@
 // wbrokerd: loads each model once and shares it with every worker process.
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 #include <boost/asio/io_context.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -84,6 +85,44 @@ int main(int argc, char** argv) try {
   app.add_option("--metrics-listen", metrics_listen,
                  "serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
                  "port 0 picks a free one, see `wbrokerctl status`)");
+  std::string admin_group;
+  app.add_option("--admin-group", admin_group,
+                 "group whose members may use the admin verbs (load, unload) besides root and "
+                 "the broker's uid (default none)");
+  unsigned max_connections = 0, hello_timeout_ms = 0, idle_timeout_ms = 0,
+           max_leases_per_client = 0;
+  uint32_t max_frame_bytes = 0;
+  const BrokerConfig defaults;
+  auto* max_connections_opt =
+      app.add_option("--max-connections", max_connections,
+                     fmt::format("concurrent client connections; more are refused with an error "
+                                 "(default {})",
+                                 defaults.max_connections))
+          ->check(CLI::Range(1u, wbroker::broker::kMaxConnectionsMax));
+  auto* max_frame_bytes_opt =
+      app.add_option("--max-frame-bytes", max_frame_bytes,
+                     fmt::format("largest request frame in bytes; a larger length prefix drops "
+                                 "the connection (default {})",
+                                 defaults.max_frame_bytes))
+          ->check(CLI::Range(wbroker::broker::kMaxFrameBytesMin,
+                             wbroker::broker::kMaxFrameBytesMax));
+  auto* hello_timeout_opt =
+      app.add_option("--hello-timeout-ms", hello_timeout_ms,
+                     fmt::format("close connections that do not say hello within this time "
+                                 "(default {})",
+                                 defaults.hello_timeout_ms))
+          ->check(CLI::Range(1u, wbroker::broker::kMaxHelloTimeoutMs));
+  auto* idle_timeout_opt =
+      app.add_option("--idle-timeout-ms", idle_timeout_ms,
+                     "close connections that hold no lease, wait for no reply and send nothing "
+                     "for this long (default 0 = never)")
+          ->check(CLI::Range(0u, wbroker::broker::kMaxIdleTimeoutMs));
+  auto* max_leases_opt =
+      app.add_option("--max-leases-per-client", max_leases_per_client,
+                     fmt::format("leases one connection may hold; attaches beyond it are refused "
+                                 "(default {})",
+                                 defaults.max_leases_per_client))
+          ->check(CLI::Range(1u, wbroker::broker::kMaxLeasesPerClientMax));
   app.add_flag("--version", version, "print the version and exit");
   CLI11_PARSE(app, argc, argv);
   if (version) {
@@ -121,6 +160,16 @@ int main(int argc, char** argv) try {
     cfg.dtype = dtype;
   }
   if (!log_level.empty()) cfg.log_level = log_level;
+  if (!admin_group.empty()) {
+    if (auto g = wbroker::broker::ResolveGroup(admin_group); !g.ok())
+      return Fail("--admin-group: " + g.status().message());
+    cfg.admin_group = admin_group;
+  }
+  if (max_connections_opt->count() > 0) cfg.max_connections = max_connections;
+  if (max_frame_bytes_opt->count() > 0) cfg.max_frame_bytes = max_frame_bytes;
+  if (hello_timeout_opt->count() > 0) cfg.hello_timeout_ms = hello_timeout_ms;
+  if (idle_timeout_opt->count() > 0) cfg.idle_timeout_ms = idle_timeout_ms;
+  if (max_leases_opt->count() > 0) cfg.max_leases_per_client = max_leases_per_client;
   if (!metrics_listen.empty()) {
     if (auto st = wbroker::broker::CheckListenAddress(metrics_listen); !st.ok())
       return Fail("--metrics-listen: " + st.message());

@@ -24,6 +24,8 @@ Session::Session(boost::asio::local::stream_protocol::socket socket, uint64_t id
                  const SessionLimits& limits)
     : socket_(std::move(socket)),
       hello_timer_(socket_.get_executor()),
+      idle_timer_(socket_.get_executor()),
+      last_request_(std::chrono::steady_clock::now()),
       id_(id),
       peer_(peer),
       handler_(handler),
@@ -40,6 +42,24 @@ void Session::Start() {
     self->Close("handshake timeout");
   });
   DoRead();
+}
+
+void Session::DoIdleWait(std::chrono::steady_clock::duration after) {
+  if (limits_.idle_timeout.count() == 0 || closed_) return;
+  idle_timer_.expires_after(after);
+  idle_timer_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+    if (ec == boost::asio::error::operation_aborted || self->closed_) return;
+    const auto idle = self->limits_.idle_timeout;
+    const auto quiet = std::chrono::steady_clock::now() - self->last_request_;
+    if (quiet < idle) return self->DoIdleWait(idle - quiet);
+    // Leases and pending replies are what a connection is for: keep it, and
+    // look again one timeout later.
+    if (!self->leases_.empty() || self->in_flight_ > 0) return self->DoIdleWait(idle);
+    spdlog::info("client {} (pid {} uid {}): idle for {} ms with no lease, closing "
+                 "(idle_timeout_ms)",
+                 self->id_, self->peer_.pid, self->peer_.uid, idle.count());
+    self->Close("idle timeout");
+  });
 }
 
 void Session::DoRead() {
@@ -115,6 +135,7 @@ void Session::ProcessFrames() {
       Close("bad frame body");
       return;
     }
+    last_request_ = std::chrono::steady_clock::now();
     // A request claims the fds it declares; they arrived with its first byte.
     auto declared = body->is_object() ? body->find("fds") : body->end();
     if (declared != body->end()) {
@@ -307,6 +328,7 @@ void Session::Close(const std::string& why) {
   if (closed_) return;
   closed_ = true;
   hello_timer_.cancel();
+  idle_timer_.cancel();
   spdlog::debug("client {} (pid {} uid {}) closed: {} ({} lease(s) released)", id_, peer_.pid,
                 peer_.uid, why, leases_.size());
   ReleaseAllLeases();

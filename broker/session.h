@@ -36,6 +36,9 @@ class RequestHandler {
 struct SessionLimits {
   uint32_t max_frame_bytes = 16u << 20;  ///< larger frames drop the connection
   std::chrono::milliseconds hello_timeout{10000};  ///< close if no hello by then
+  /// Close a connection that said hello, holds no lease, waits for no reply
+  /// and sent nothing for this long; 0 = never.
+  std::chrono::milliseconds idle_timeout{0};
 };
 
 class Session : public std::enable_shared_from_this<Session> {
@@ -74,7 +77,16 @@ class Session : public std::enable_shared_from_this<Session> {
   void set_hello(std::string client_name) {
     hello_ = true;
     client_name_ = std::move(client_name);
+    DoIdleWait(limits_.idle_timeout);
   }
+  /// A reply the handler will send later (attach, load): the connection is
+  /// not idle until it went out. Pair with FinishedAsync().
+  void StartedAsync() { ++in_flight_; }
+  void FinishedAsync() {
+    if (in_flight_ > 0) --in_flight_;
+  }
+  /// Requests handed to the handler whose replies are still to come.
+  size_t in_flight() const { return in_flight_; }
   const std::string& client_name() const { return client_name_; }
   /// Subscribes to unsolicited events of `name` ("superseded"); false for an unknown name.
   bool Subscribe(const std::string& name);
@@ -112,9 +124,14 @@ class Session : public std::enable_shared_from_this<Session> {
   /// Writes queued frames until done or the socket would block; false on error.
   bool WriteSome();
   void ReleaseAllLeases();
+  /// Arms the idle check `after` from now (no-op when idle_timeout is 0).
+  void DoIdleWait(std::chrono::steady_clock::duration after);
 
   boost::asio::local::stream_protocol::socket socket_;  ///< the connection
   boost::asio::steady_timer hello_timer_;               ///< handshake deadline
+  boost::asio::steady_timer idle_timer_;                ///< idle_timeout checks
+  std::chrono::steady_clock::time_point last_request_;  ///< when the last request came in
+  size_t in_flight_ = 0;                                ///< replies still to come
   const uint64_t id_;                                   ///< broker-wide connection id
   const PeerCredentials peer_;                          ///< SO_PEERCRED at accept
   RequestHandler& handler_;                             ///< request dispatch

@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 
@@ -187,7 +189,26 @@ Result<PeerCredentials> GetPeerCredentials(int sock) {
   socklen_t len = sizeof(cred);
   if (::getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
     return ErrnoStatus("getsockopt(SO_PEERCRED)");
-  return PeerCredentials{cred.pid, cred.uid, cred.gid};
+  PeerCredentials out{cred.pid, cred.uid, cred.gid, {}, false};
+  // SO_PEERCRED carries only the primary gid. SO_PEERGROUPS (Linux >= 4.13)
+  // gives the supplementary groups the peer had at connect(), taken by the
+  // kernel like SO_PEERCRED, so group-based access rules need no racy
+  // /proc/<pid>/status read. Too small a buffer fails with ERANGE and sets
+  // `len` to the size needed; the loop covers a peer with many groups.
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(sock, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+      groups.resize(glen / sizeof(gid_t));
+      out.groups = std::move(groups);
+      out.groups_known = true;
+      return out;
+    }
+    if (errno == ENOPROTOOPT) return out;  // older kernel: primary gid only
+    if (errno != ERANGE) return ErrnoStatus("getsockopt(SO_PEERGROUPS)");
+    groups.resize(std::max<size_t>(groups.size() * 2, glen / sizeof(gid_t) + 1));
+  }
+  return Status(ErrorCode::kIo, "getsockopt(SO_PEERGROUPS): the group list kept growing");
 }
 
 std::string DefaultSocketPath() {

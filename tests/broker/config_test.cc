@@ -46,6 +46,14 @@ TEST(Config, EmptyTextGivesTheDefaults) {
   EXPECT_EQ(c.max_connections, d.max_connections);
   EXPECT_EQ(c.max_frame_bytes, d.max_frame_bytes);
   EXPECT_EQ(c.hello_timeout_ms, d.hello_timeout_ms);
+  // The documented defaults (docs/operations.md "Limits").
+  EXPECT_EQ(c.max_connections, 4096u);
+  EXPECT_EQ(c.max_frame_bytes, 16u << 20);
+  EXPECT_EQ(c.hello_timeout_ms, 10000u);
+  EXPECT_EQ(c.idle_timeout_ms, 0u) << "idle connections are kept unless asked";
+  EXPECT_EQ(c.max_leases_per_client, 1024u);
+  EXPECT_EQ(c.admin_group, "");
+  EXPECT_TRUE(c.access.empty());
   EXPECT_TRUE(c.preload.empty());
   // Comments and blank lines are just that.
   EXPECT_TRUE(Parse("# nothing here\n\n   # still nothing\n").preload.empty());
@@ -65,6 +73,9 @@ loader_threads = 8
 max_connections = 100
 max_frame_bytes = 1048576
 hello_timeout_ms = 300
+idle_timeout_ms = 60000
+max_leases_per_client = 8
+admin_group = "root"
 preload = ["org/a@abcdef1"]
 )");
   EXPECT_EQ(c.socket_path, "/run/x/wb.sock");
@@ -79,6 +90,9 @@ preload = ["org/a@abcdef1"]
   EXPECT_EQ(c.max_connections, 100u);
   EXPECT_EQ(c.max_frame_bytes, 1048576u);
   EXPECT_EQ(c.hello_timeout_ms, 300u);
+  EXPECT_EQ(c.idle_timeout_ms, 60000u);
+  EXPECT_EQ(c.max_leases_per_client, 8u);
+  EXPECT_EQ(c.admin_group, "root");
   ASSERT_EQ(c.preload.size(), 1u);
   EXPECT_EQ(c.preload[0].model, "org/a");
   EXPECT_EQ(c.preload[0].revision, "abcdef1");
@@ -186,6 +200,22 @@ TEST(Config, WrongTypesAreRefusedByKey) {
            Case{"max_connections = 0", "max_connections"},
            Case{"max_frame_bytes = 100", "max_frame_bytes"},
            Case{"hello_timeout_ms = \"300ms\"", "hello_timeout_ms"},
+           Case{"idle_timeout_ms = -1", "idle_timeout_ms"},
+           Case{"idle_timeout_ms = 86400001", "idle_timeout_ms"},
+           Case{"idle_timeout_ms = \"1m\"", "idle_timeout_ms"},
+           Case{"max_leases_per_client = 0", "max_leases_per_client"},
+           Case{"max_leases_per_client = 1048577", "max_leases_per_client"},
+           Case{"max_leases_per_client = 1.5", "max_leases_per_client"},
+           Case{"admin_group = 0", "admin_group"},
+           Case{"access = \"org/*\"", "access"},
+           Case{"access = [5]", "access[0]"},
+           Case{"[[access]]\nuids = [1]", "access[0].model"},
+           Case{"[[access]]\nmodel = \"\"", "access[0].model"},
+           Case{"[[access]]\nmodel = \"org/a\"\nuids = 1000", "access[0].uids"},
+           Case{"[[access]]\nmodel = \"org/a\"\nuids = [\"alice\"]", "access[0].uids"},
+           Case{"[[access]]\nmodel = \"org/a\"\nuids = [-1]", "access[0].uids"},
+           Case{"[[access]]\nmodel = \"org/a\"\ngroups = \"ml\"", "access[0].groups"},
+           Case{"[[access]]\nmodel = \"org/a\"\ngroups = [true]", "access[0].groups"},
            Case{"preload = \"org/a\"", "preload"},
            Case{"preload = [5]", "preload[0]"},
            Case{"preload = [\"org/a\", 5]", "preload[1]"},
@@ -324,6 +354,53 @@ TEST(Config, PreloadDevice) {
               HasSubstr("preload[0].device"));
   EXPECT_THAT(Refusal("[[preload]]\nmodel = \"org/a\"\ndevice = \"\"").message(),
               HasSubstr("preload[0].device"));
+}
+
+TEST(Config, AccessRules) {
+  BrokerConfig c = Parse(R"(
+admin_group = "0"
+[[access]]
+model = "org/secret"
+uids = [1000, 1001]
+groups = ["root", 4321]
+
+[[access]]
+model = "team/*"
+groups = ["4322"]
+
+[[access]]
+model = "/srv/models/private"
+)");
+  EXPECT_EQ(c.admin_group, "0");
+  ASSERT_EQ(c.access.size(), 3u);
+  EXPECT_EQ(c.access[0].model, "org/secret");
+  EXPECT_EQ(c.access[0].uids, (std::vector<uid_t>{1000, 1001}));
+  ASSERT_EQ(c.access[0].groups.size(), 2u);
+  EXPECT_EQ(c.access[0].groups[0].name, "root");
+  EXPECT_EQ(c.access[0].groups[0].gid, 0u);
+  EXPECT_EQ(c.access[0].groups[1].gid, 4321u);
+  EXPECT_EQ(c.access[1].model, "team/*");
+  ASSERT_EQ(c.access[1].groups.size(), 1u);
+  EXPECT_EQ(c.access[1].groups[0].gid, 4322u);
+  EXPECT_EQ(c.access[2].model, "/srv/models/private");
+  EXPECT_TRUE(c.access[2].uids.empty()) << "a rule with no one listed: root and the broker only";
+}
+
+TEST(Config, UnknownGroupsAreRefusedByName) {
+  EXPECT_THAT(Refusal("[[access]]\nmodel = \"org/a\"\ngroups = [\"root\", \"no-such-grp-wb\"]")
+                  .message(),
+              AllOf(HasSubstr("access[0].groups"), HasSubstr("\"no-such-grp-wb\" does not exist")));
+  EXPECT_THAT(Refusal("admin_group = \"no-such-grp-wb\"").message(),
+              AllOf(HasSubstr("admin_group"), HasSubstr("\"no-such-grp-wb\" does not exist")));
+}
+
+TEST(Config, AccessRulesRefuseUnknownKeysAndBadModels) {
+  EXPECT_THAT(Refusal("[[access]]\nmodel = \"org/a\"\nusers = [1]").message(),
+              AllOf(HasSubstr("access[0].users"), HasSubstr("unknown")));
+  EXPECT_THAT(Refusal("[[access]]\nmodel = \"a/b/c\"").message(),
+              HasSubstr("access[0].model"));
+  EXPECT_THAT(Refusal("[[access]]\nmodel = \"relative/../dir\"").message(),
+              HasSubstr("access[0].model"));
 }
 
 }  // namespace

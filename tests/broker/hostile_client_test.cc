@@ -35,6 +35,7 @@ namespace {
 using client::Client;
 using client::ClientOptions;
 using nlohmann::json;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 
@@ -386,6 +387,10 @@ INSTANTIATE_TEST_SUITE_P(Each, HostileCaseTest, ::testing::ValuesIn(Cases()),
 
 TEST_F(HostileClients, FdsSentToTheBrokerAreClosedByIt) {
   BrokerProcess broker(Opts());
+  auto watcher = Connect();
+  ASSERT_TRUE(watcher);
+  ASSERT_EQ(WaitForConnections(*watcher, 1), 1u);
+  const size_t baseline = FdCount(broker.pid());
   int p[2];
   ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
   UniqueFd read_end(p[0]), write_end(p[1]);
@@ -400,6 +405,14 @@ TEST_F(HostileClients, FdsSentToTheBrokerAreClosedByIt) {
   ASSERT_EQ(::poll(&pf, 1, 10000), 1) << "the broker still holds the pipe's write end";
   char c;
   EXPECT_EQ(::read(read_end.get(), &c, 1), 0);
+  // Nothing else stays open either: the same descriptor count as before.
+  EXPECT_EQ(WaitForConnections(*watcher, 1), 1u);
+  size_t now = FdCount(broker.pid());
+  for (int i = 0; i < 500 && now != baseline; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    now = FdCount(broker.pid());
+  }
+  EXPECT_EQ(now, baseline) << "/proc/" << broker.pid() << "/fd grew";
   ASSERT_NO_FATAL_FAILURE(ExpectServedCorrectly(broker));
 }
 
@@ -661,6 +674,151 @@ TEST_F(HostileClients, ClientKilledRightAfterAttachLeavesNoLease) {
   ASSERT_NE(w, nullptr);
   std::string want = FixtureTensorData({"w", DType::kU8, {48u << 20}, ""});
   EXPECT_EQ(std::memcmp(w->data, want.data(), want.size()), 0);
+  ASSERT_TRUE((*lease)->Release().ok());
+  // Not leaked: with the last lease gone an ordinary unload frees it.
+  auto unload = watcher->Call({{"op", "unload"}, {"model", "org/big"}});
+  ASSERT_TRUE(unload.ok()) << unload.status().ToString();
+  EXPECT_EQ((*unload)["unloaded"].size(), 1u) << unload->dump();
+  st = Status(*watcher);
+  for (const auto& m : st["models"]) EXPECT_NE(m["model"], "org/big") << st.dump();
+}
+
+// --- limits: max_leases_per_client, idle_timeout_ms, and their flags ---------
+
+TEST_F(HostileClients, LeasesBeyondTheLimitAreRefusedNamingIt) {
+  BrokerProcess broker(Opts("max_leases_per_client = 2\n"));
+  auto c = Connect();
+  ASSERT_TRUE(c);
+  auto first = c->Attach("org/good");
+  auto second = c->Attach("org/good");
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  auto third = c->Attach("org/good");
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), ErrorCode::kResourceExhausted);
+  EXPECT_THAT(third.status().message(), HasSubstr("max_leases_per_client is 2"));
+  EXPECT_TRUE(WaitForLog(broker, "max_leases_per_client (2) reached")) << broker.Log();
+  // A released lease makes room again; other connections have their own count.
+  ASSERT_TRUE((*first)->Release().ok());
+  auto again = c->Attach("org/good");
+  EXPECT_TRUE(again.ok()) << again.status().ToString();
+  ASSERT_NO_FATAL_FAILURE(ExpectServedCorrectly(broker));
+}
+
+TEST_F(HostileClients, PipelinedAttachesCannotOvershootTheLeaseLimit) {
+  BrokerProcess broker(Opts("max_leases_per_client = 2\n"));
+  UniqueFd fd = RawConnect();
+  ASSERT_TRUE(fd);
+  ASSERT_NO_FATAL_FAILURE(Hello(fd.get()));
+  // Five attaches in one write, before the model is even loaded: the ones
+  // still waiting for the load count against the limit too.
+  std::string burst;
+  for (int i = 0; i < 5; ++i)
+    burst += FrameBytes({{"op", "attach"}, {"model", "org/good"}, {"id", 10 + i}});
+  Send(fd.get(), burst);
+  size_t ok = 0, exhausted = 0;
+  for (int i = 0; i < 5; ++i) {
+    pollfd p{fd.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 20000), 1) << "reply " << i << " missing";
+    auto f = ReadFrameBlocking(fd.get(), kDefaultMaxFrameBytes, kMaxFdsPerFrame);
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    if (f->body.value("ok", false)) {
+      ++ok;
+    } else if (f->body["error"]["code"] == ErrorCodeName(ErrorCode::kResourceExhausted)) {
+      ++exhausted;
+    }
+  }
+  EXPECT_EQ(ok, 2u);
+  EXPECT_EQ(exhausted, 3u);
+  auto watcher = Connect();
+  ASSERT_TRUE(watcher);
+  json st = Status(*watcher);
+  ASSERT_EQ(st["models"].size(), 1u);
+  EXPECT_EQ(st["models"][0]["leases"], 2);
+}
+
+TEST_F(HostileClients, IdleTimeoutClosesIdleConnectionsWithoutLeasesOnly) {
+  // The flag spelling (the TOML key is covered by config_test).
+  BrokerProcess::Options o = Opts();
+  o.extra_args = {"--idle-timeout-ms", "300"};
+  BrokerProcess broker(o);
+  UniqueFd idle = RawConnect();
+  ASSERT_TRUE(idle);
+  ASSERT_NO_FATAL_FAILURE(Hello(idle.get()));
+  UniqueFd holder = RawConnect();
+  ASSERT_TRUE(holder);
+  ASSERT_NO_FATAL_FAILURE(Hello(holder.get()));
+  auto attach = Call(holder.get(), {{"op", "attach"}, {"model", "org/good"}}, 2);
+  ASSERT_TRUE(attach.ok()) << attach.status().ToString();
+  ASSERT_EQ((*attach)["ok"], true) << attach->dump();
+
+  Drained d = DrainUntilClosed(idle.get());
+  EXPECT_TRUE(d.closed) << "an idle connection without leases was kept";
+  EXPECT_TRUE(d.frames.empty());
+  EXPECT_TRUE(WaitForLog(broker, "idle for 300 ms with no lease, closing")) << broker.Log();
+  // The lease holder outlives several timeouts and is still served.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  auto ping = Call(holder.get(), {{"op", "ping"}}, 3);
+  ASSERT_TRUE(ping.ok()) << "a connection holding a lease was dropped: "
+                         << ping.status().ToString();
+  EXPECT_EQ((*ping)["ok"], true);
+  ASSERT_NO_FATAL_FAILURE(ExpectServedCorrectly(broker));
+}
+
+TEST_F(HostileClients, EveryLimitHasAFlagListedInHelp) {
+  CommandResult help = RunCommand(BuiltBinary("wbrokerd") + " --help");
+  ASSERT_EQ(help.exit_code, 0) << help.output;
+  for (const char* flag : {"--max-connections", "--max-frame-bytes", "--hello-timeout-ms",
+                           "--idle-timeout-ms", "--max-leases-per-client", "--admin-group"})
+    EXPECT_THAT(help.output, HasSubstr(flag));
+  // The defaults are in the help text, as documented.
+  EXPECT_THAT(help.output, AllOf(HasSubstr("(default 4096)"), HasSubstr("(default 16777216)"),
+                                 HasSubstr("(default 10000)"), HasSubstr("(default 1024)"),
+                                 HasSubstr("(default 0 = never)")));
+  // Out-of-range values stop the start, naming the flag.
+  for (const char* bad : {"--max-leases-per-client 0", "--max-connections 0",
+                          "--max-frame-bytes 100", "--hello-timeout-ms 0",
+                          "--idle-timeout-ms -1"}) {
+    CommandResult r = RunCommand(BuiltBinary("wbrokerd") + " --version " + bad);
+    EXPECT_NE(r.exit_code, 0) << bad << ": " << r.output;
+    EXPECT_THAT(r.output, HasSubstr(std::string(bad).substr(0, std::string(bad).find(' '))))
+        << bad;
+  }
+}
+
+TEST_F(HostileClients, LimitFlagsOverrideTheConfigFile) {
+  BrokerProcess::Options o = Opts("max_leases_per_client = 5\nmax_connections = 100\n");
+  for (const char* a : {"--max-leases-per-client", "1", "--max-connections", "2",
+                        "--max-frame-bytes", "4096", "--hello-timeout-ms", "300"})
+    o.extra_args.push_back(a);
+  BrokerProcess broker(o);
+  auto c = Connect();
+  ASSERT_TRUE(c);
+  auto first = c->Attach("org/good");
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto second = c->Attach("org/good");
+  ASSERT_FALSE(second.ok());
+  EXPECT_THAT(second.status().message(), HasSubstr("max_leases_per_client is 1"));
+  // A frame just over 4096 bytes drops its connection.
+  UniqueFd big = RawConnect();
+  ASSERT_TRUE(big);
+  Send(big.get(), FrameBytes({{"op", "hello"}, {"pad", std::string(5000, 'p')}}));
+  Drained d = DrainUntilClosed(big.get());
+  EXPECT_TRUE(d.closed);
+  ASSERT_EQ(d.frames.size(), 1u);
+  EXPECT_THAT(d.frames[0]["error"]["message"].get<std::string>(), HasSubstr("exceeds the limit"));
+  // Silent connections go after 300 ms; a third connection is one too many.
+  UniqueFd silent = RawConnect();
+  ASSERT_TRUE(silent);
+  EXPECT_TRUE(DrainUntilClosed(silent.get()).closed);
+  EXPECT_TRUE(WaitForLog(broker, "no hello within 300 ms")) << broker.Log();
+  UniqueFd second_conn = RawConnect();
+  ASSERT_NO_FATAL_FAILURE(Hello(second_conn.get()));
+  UniqueFd third = RawConnect();
+  Drained refused = DrainUntilClosed(third.get());
+  EXPECT_TRUE(refused.closed);
+  ASSERT_EQ(refused.frames.size(), 1u);
+  EXPECT_THAT(refused.frames[0]["error"]["message"].get<std::string>(), HasSubstr("too many"));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include "wbroker/common/frame.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <poll.h>
@@ -11,12 +12,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "broker_process.h"
 #include "temp_dir.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/manifest.h"
@@ -429,6 +432,32 @@ TEST(FdSocket, PeerCredentialsAreOurs) {
   EXPECT_EQ(cred->uid, ::getuid());
   EXPECT_EQ(cred->gid, ::getgid());
   EXPECT_FALSE(GetPeerCredentials(-1).ok());
+  // SO_PEERGROUPS: our supplementary groups, as the kernel has them.
+  ASSERT_TRUE(cred->groups_known) << "kernel without SO_PEERGROUPS (< 4.13)?";
+  std::vector<gid_t> ours(static_cast<size_t>(::getgroups(0, nullptr)));
+  ASSERT_EQ(::getgroups(static_cast<int>(ours.size()), ours.data()),
+            static_cast<int>(ours.size()));
+  std::sort(ours.begin(), ours.end());
+  std::vector<gid_t> theirs = cred->groups;
+  std::sort(theirs.begin(), theirs.end());
+  EXPECT_EQ(theirs, ours);
+}
+
+TEST(FdSocket, PeerGroupsBeyondTheFirstBufferAreAllRead) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to set 300 supplementary groups";
+  // More groups than GetPeerCredentials' first buffer (64): the ERANGE path.
+  int rc = testing::RunInChild([] {
+    std::vector<gid_t> groups;
+    for (gid_t g = 70000; g < 70300; ++g) groups.push_back(g);
+    if (::setgroups(groups.size(), groups.data()) != 0) return 10;
+    auto sp = MakeSocketPair();
+    auto cred = GetPeerCredentials(sp.a.get());
+    if (!cred.ok() || !cred->groups_known) return 11;
+    std::vector<gid_t> got = cred->groups;
+    std::sort(got.begin(), got.end());
+    return got == groups ? 0 : 12;
+  });
+  EXPECT_EQ(rc, 0);
 }
 
 // ---------------------------------------------------------------------------

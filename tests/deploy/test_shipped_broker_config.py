@@ -114,3 +114,31 @@ def test_shipped_config_preloads_its_pins_and_the_probes_follow_the_broker(shipp
                                env={**os.environ, "NODE_NAME": "test-node"})
             assert f"waiting for wbrokerd on node test-node at {sock}" in (
                 waited.value.stdout or b"").decode(), waited.value.stdout
+
+
+def _limits_table():
+    """{TOML key: (flag, default)} from docs/operations.md's "Limits" table."""
+    text = (km.REPO / "docs" / "operations.md").read_text()
+    section = text.split("\n## Limits\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for m in re.finditer(r"^\| [^|]+ \| `(\w+)` \| `(--[\w-]+)` \| (\d+)", section, re.M):
+        rows[m.group(1)] = (m.group(2), int(m.group(3)))
+    return rows
+
+
+@pytest.mark.parametrize("configmap", [km.DEPLOY / "base" / "wbrokerd-config.yaml",
+                                       km.DEPLOY / "overlays" / "gpu" / "wbrokerd-config-gpu.yaml"])
+def test_shipped_limits_are_the_documented_defaults_and_have_flags(configmap):
+    [cm] = [d for d in km.load_documents(configmap) if d["kind"] == "ConfigMap"]
+    cfg = tomllib.loads(cm["data"][km.BROKER_CONFIG_KEY])
+    limits = _limits_table()
+    assert {"max_connections", "max_frame_bytes", "hello_timeout_ms", "idle_timeout_ms",
+            "max_leases_per_client"} <= limits.keys(), limits
+    help_text = subprocess.run([WBROKERD, "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    for key, (flag, default) in limits.items():
+        assert key in cfg, f"{configmap.name}: {key} is not spelled out"
+        assert cfg[key] == default, f"{configmap.name}: {key} = {cfg[key]}, documented {default}"
+        assert flag in help_text, f"wbrokerd --help does not list {flag}"
+        assert f"(default {default}" in help_text.split(flag, 1)[1].split("\n  -", 1)[0], (
+            f"wbrokerd --help does not give {flag}'s default {default}")

@@ -57,12 +57,16 @@ Status WriteFrameBlocking(int sock, const nlohmann::json& body, std::span<const 
 /// Errors name the path: "no broker at PATH (connect: No such file...)".
 Result<UniqueFd> ConnectUnixSocket(const std::string& path);
 
-/// Peer credentials of a connected AF_UNIX socket (SO_PEERCRED).
+/// Peer credentials of a connected AF_UNIX socket, as of its connect().
 struct PeerCredentials {
-  pid_t pid = 0;
-  uid_t uid = 0;
-  gid_t gid = 0;
+  pid_t pid = 0;               ///< SO_PEERCRED
+  uid_t uid = 0;               ///< SO_PEERCRED (effective uid)
+  gid_t gid = 0;               ///< SO_PEERCRED (effective, primary gid)
+  std::vector<gid_t> groups;   ///< supplementary groups (SO_PEERGROUPS); empty if unknown
+  bool groups_known = false;   ///< false when the kernel has no SO_PEERGROUPS (< 4.13)
 };
+/// SO_PEERCRED plus SO_PEERGROUPS. A kernel without SO_PEERGROUPS leaves
+/// `groups` empty and `groups_known` false; any other failure is an error.
 Result<PeerCredentials> GetPeerCredentials(int sock);
 
 /// Default broker socket: $WBROKER_SOCKET, else /run/wbroker/wbroker.sock.
