@@ -52,6 +52,8 @@ ModelRegistry::~ModelRegistry() {
 void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cast_to,
                             bool allow_load, bool pin, AcquireCallback done, bool exact_commit) {
   std::string key = ModelKey(model, cast_to);
+  // A request for the full commit (reattach, a pinned deployment) means that one.
+  exact_commit = exact_commit || (!model.commit.empty() && model.requested_revision == model.commit);
   if (!exact_commit) {
     // A replaced revision leads to its replacement (chains were collapsed
     // when they formed, so one step is enough).
