@@ -305,7 +305,7 @@ TEST_F(HttpServerTest, InferReturnsPromptPlusCompletion) {
   ASSERT_EQ(r.status, 200u) << r.body;
   EXPECT_EQ(r.Json()["result"], prompt + FakeEngine::ExpectedCompletion(prompt, 3));
   EXPECT_EQ(engine_->last_request().temperature, 0.0f);  // greedy
-  EXPECT_TRUE(engine_->last_request().echo);              // decoded prompt + continuation
+  EXPECT_TRUE(engine_->last_request().echo);             // decoded prompt + continuation
   EXPECT_EQ(engine_->last_request().max_tokens, 3);
   // Default max_tokens.
   r = Get("/infer?prompt=hi");
@@ -655,6 +655,19 @@ TEST_F(HttpServerTest, KeepAliveAndPipelining) {
   Reply r = old.Read();
   EXPECT_EQ(r.status, 200u);
   EXPECT_TRUE(old.PeerClosed());
+}
+
+// The next request on a connection may arrive while the previous one's job
+// is still returning from its handler; that job must not take the new
+// request's state for its own (it once sent a spurious 500 "the request
+// handler sent no answer" here).
+TEST_F(HttpServerTest, BackToBackRequestsOnOneConnectionAllSucceed) {
+  StartServer();
+  Client c(port_);
+  for (int i = 0; i < 200; ++i) {
+    Reply r = c.Post("/v1/completions", {{"prompt", "a b"}, {"max_tokens", 1}});
+    ASSERT_EQ(r.status, 200u) << "request " << i << ": " << r.body;
+  }
 }
 
 TEST_F(HttpServerTest, ExpectContinue) {

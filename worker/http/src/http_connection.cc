@@ -47,6 +47,41 @@ std::string Serialize(const Message& message) {
   return std::move(out).str();
 }
 
+/// The Responder one request's work answers through: forwards to the
+/// connection and remembers how far this job's answer got. The flags cannot
+/// live on the connection: the client may send its next request as soon as
+/// this answer is written, and that request's reset would race with this
+/// job's check. Used by the job's compute thread only.
+class JobResponder final : public Responder {
+ public:
+  explicit JobResponder(Responder& connection) : connection_(connection) {}
+
+  void Send(Response response) override {
+    answered_ = true;
+    connection_.Send(std::move(response));
+  }
+  void BeginStream(HttpStatus status, std::string content_type) override {
+    answered_ = streaming_ = true;
+    connection_.BeginStream(status, std::move(content_type));
+  }
+  bool Write(std::string data) override { return connection_.Write(std::move(data)); }
+  void EndStream() override {
+    ended_ = true;
+    connection_.EndStream();
+  }
+  bool ClientGone() const override { return connection_.ClientGone(); }
+
+  bool answered() const { return answered_; }
+  bool streaming() const { return streaming_; }
+  bool ended() const { return ended_; }
+
+ private:
+  Responder& connection_;   ///< where the answer goes
+  bool answered_ = false;   ///< Send() or BeginStream() called
+  bool streaming_ = false;  ///< BeginStream() called
+  bool ended_ = false;      ///< EndStream() called
+};
+
 }  // namespace
 
 HttpConnection::HttpConnection(net::ip::tcp::socket socket, uint64_t id, ConnectionContext context)
@@ -163,9 +198,6 @@ void HttpConnection::Process(Request request) {
   keep_alive_ = request.keep_alive();
   Dispatch dispatch = ctx_.router->Route(request);
   if (!dispatch.work) return QueueResponse(std::move(dispatch.response));
-  answered_ = false;
-  streaming_ = false;
-  ended_ = false;
   DoWatchPeer();
   // The work guard keeps Run() from returning while the job has the request.
   auto job = [self = shared_from_this(), work = std::move(dispatch.work),
@@ -182,25 +214,26 @@ void HttpConnection::Process(Request request) {
 
 // Runs on a compute thread.
 void HttpConnection::RunWork(const std::function<void(Responder&)>& work) {
+  JobResponder job(*this);
   try {
-    work(*this);
+    work(job);
   } catch (const std::exception& e) {
     spdlog::error("http {} {} {}: {}", id_, method_, path_, e.what());
-    if (!answered_)
-      Send(ErrorResponse(HttpStatus::internal_server_error,
-                         fmt::format("internal error: {}", e.what())));
+    if (!job.answered())
+      job.Send(ErrorResponse(HttpStatus::internal_server_error,
+                             fmt::format("internal error: {}", e.what())));
   }
-  if (!answered_) {
-    Send(ErrorResponse(HttpStatus::internal_server_error, "the request handler sent no answer"));
-  } else if (streaming_ && !ended_) {
-    EndStream();
+  if (!job.answered()) {
+    job.Send(
+        ErrorResponse(HttpStatus::internal_server_error, "the request handler sent no answer"));
+  } else if (job.streaming() && !job.ended()) {
+    job.EndStream();
   }
 }
 
 // --- Responder (compute thread) ---
 
 void HttpConnection::Send(Response response) {
-  answered_ = true;
   net::post(stream_.get_executor(),
             [self = shared_from_this(), response = std::move(response)]() mutable {
               self->QueueResponse(std::move(response));
@@ -208,8 +241,6 @@ void HttpConnection::Send(Response response) {
 }
 
 void HttpConnection::BeginStream(HttpStatus status, std::string content_type) {
-  answered_ = true;
-  streaming_ = true;
   net::post(stream_.get_executor(),
             [self = shared_from_this(), status, content_type = std::move(content_type)] {
               self->QueueStreamHeader(status, content_type);
@@ -236,7 +267,6 @@ bool HttpConnection::Write(std::string data) {
 }
 
 void HttpConnection::EndStream() {
-  ended_ = true;
   net::post(stream_.get_executor(), [self = shared_from_this()] { self->QueueStreamEnd(); });
 }
 

@@ -126,13 +126,10 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection>, publ
   std::unique_ptr<std::array<char, 4096>> scratch_;  ///< discard buffer for lingering
 
   // Shared with the compute thread.
-  std::atomic<bool> gone_{false};       ///< client closed/reset, or we closed
-  std::atomic<bool> answered_{false};   ///< Send() or BeginStream() called for this request
-  std::atomic<bool> streaming_{false};  ///< BeginStream() called
-  std::atomic<bool> ended_{false};      ///< EndStream() called
-  std::mutex flow_mu_;                  ///< guards queued_bytes_ (and gone_ wake-ups)
-  std::condition_variable flow_cv_;     ///< Write() waits here for credit
-  size_t queued_bytes_ = 0;             ///< streamed bytes not yet written
+  std::atomic<bool> gone_{false};    ///< client closed/reset, or we closed
+  std::mutex flow_mu_;               ///< guards queued_bytes_ (and gone_ wake-ups)
+  std::condition_variable flow_cv_;  ///< Write() waits here for credit
+  size_t queued_bytes_ = 0;          ///< streamed bytes not yet written
 };
 
 }  // namespace wbroker::http
