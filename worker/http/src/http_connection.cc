@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "wbroker/http/json_error.h"
+#include "wbroker/http/query_string.h"
 
 namespace wbroker::http {
 namespace {
@@ -35,6 +36,9 @@ constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
 constexpr size_t kMaxLingerBytes = 4 << 20;
 /// ... for at most this long, then close.
 constexpr std::chrono::seconds kLingerTime{2};
+/// The status counted for a request whose client left before any answer
+/// (nginx's "client closed request").
+constexpr unsigned kClientClosedRequest = 499;
 
 bool IsHttpParseError(const error_code& ec) {
   return ec.category() == bhttp::make_error_code(bhttp::error::bad_method).category();
@@ -133,6 +137,7 @@ void HttpConnection::OnHeader(const error_code& ec) {
   method_ = std::string(header.method_string());
   std::string_view target = StdView(header.target());
   path_ = std::string(target.substr(0, target.find('?')));
+  BeginCounted();
   if (parser_->is_done()) return OnRead({});
   if (beast::iequals(header[bhttp::field::expect], "100-continue")) {
     // The client waits for this before sending its body (curl does, for large ones).
@@ -175,6 +180,7 @@ void HttpConnection::OnReadError(const error_code& ec) {
     return Close();
   }
   if (phase_ == Phase::kIdle) started_ = std::chrono::steady_clock::now();
+  BeginCounted();
   phase_ = Phase::kBusy;
   keep_alive_ = false;
   if (ec == bhttp::error::body_limit) {
@@ -358,6 +364,7 @@ void HttpConnection::FinishExchange() {
   auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_);
   spdlog::debug("http {} {} \"{} {}\" {} {:.1f} ms", id_, remote_, method_, path_, status_,
                 ms.count());
+  EndCounted();
   ++exchange_;  // any peer watch still pending is stale now
   if (watching_) {
     watching_ = false;
@@ -376,6 +383,23 @@ void HttpConnection::FinishExchange() {
     return DoLinger();
   }
   DoReadHeader();
+}
+
+void HttpConnection::BeginCounted() {
+  if (counted_ || !ctx_.metrics) return;
+  status_ = 0;
+  // The label is the route the router will match: the decoded path.
+  auto target = SplitTarget(path_);
+  counted_ = WorkerMetrics::EndpointLabel(target.ok() ? std::string_view(target->path)
+                                                      : std::string_view(path_));
+  ctx_.metrics->RequestBegun(*counted_);
+}
+
+void HttpConnection::EndCounted() {
+  if (!counted_) return;
+  auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_);
+  ctx_.metrics->RequestEnded(*counted_, status_ ? status_ : kClientClosedRequest, seconds.count());
+  counted_.reset();
 }
 
 void HttpConnection::DoLinger() {
@@ -416,6 +440,7 @@ void HttpConnection::OnPeerReadable(const error_code& ec, uint64_t exchange) {
 void HttpConnection::Close() {
   if (phase_ == Phase::kClosed) return;
   phase_ = Phase::kClosed;
+  EndCounted();
   MarkGone();
   error_code ignored;
   stream_.socket().shutdown(net::ip::tcp::socket::shutdown_both, ignored);
