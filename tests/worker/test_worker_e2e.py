@@ -469,6 +469,12 @@ def test_four_workers_share_one_copy_four_from_disk_hold_four(medium_model, tmp_
               f"{wb_weights / resident:.2f} x resident); 4 --from-disk workers' weights PSS "
               f"{base_weights / 2**20:.1f} MiB ({base_weights / copy:.2f} copies)")
     print(report)
+    # bench/run-all renders docs/benchmarks.md's worker-memory section from this.
+    out = Path(os.environ.get("WBROKER_BENCH_OUT", Path(__file__).resolve().parents[2] / "bench" / "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "worker_pss.json").write_text(json.dumps({
+        "workers": 4, "copy_bytes": copy, "resident_bytes": resident, "attached_weights_pss": wb_weights,
+        "from_disk_weights_pss": base_weights}, indent=2) + "\n")
     assert all(a == 0 for _, a, _ in base)  # the baseline maps no arena
     assert 0.9 <= wb_weights / resident <= 1.1, report
     assert 0.85 <= wb_weights / copy <= 1.1, report
