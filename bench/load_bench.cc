@@ -180,6 +180,7 @@ int main(int argc, char** argv) {
                     {"load_s", lsec}, {"load_gbps", lgbs}});
   }
   out["load"] = rows;
+  out["repeats"] = repeats;
   out["best_page_cache_read_gbps"] = best_read;
   out["best_load_gbps"] = best_load;
   out["best_fresh_memory_read_gbps"] = best_fresh;

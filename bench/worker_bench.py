@@ -14,9 +14,11 @@ both preloaded, then measures with the wbroker-worker of --build:
       and one --from-disk worker alive together, requests alternating
       between them so that load from other processes hits both alike.
 
-Prints a table and writes JSON (default bench/out/worker.json).
+Prints a table and writes JSON (default bench/out/worker.json). --quick
+(bench/run-all --quick): a ~40 MB "big" model in its own cache, 1 timed
+start, 2 requests of 8 tokens; a smoke test, not the documented numbers.
 
-  bench/worker_bench.py [--build build] [--runs 5] [--tokens 64] [--requests 8]
+  bench/worker_bench.py [--quick] [--build build] [--runs 5] [--tokens 64] [--requests 8]
 """
 import argparse
 import json
@@ -35,16 +37,22 @@ PROMPTS = ["Hello world, the fox", "Shared memory, zero copies:", "def main():\n
            "Lorem ipsum dolor sit amet,"]
 
 
-def big_qwen2(cache, repo):
-    """A random Qwen2, 11 layers x 1536 hidden, fp32: ~1.1 GB of weights."""
+# (hidden, intermediate, layers, heads, kv heads) of the "big" model.
+BIG_SHAPE = {"full": (1536, 4096, 11, 12, 4), "quick": (512, 1024, 4, 8, 4)}
+
+
+def big_qwen2(cache, repo, shape):
+    """A random Qwen2, fp32: ~1.1 GB of weights (full), ~40 MB (quick)."""
+    hidden, intermediate, layers, heads, kv_heads = shape
     import torch
     import transformers as tf
     from make_tiny_model import install_dir, make_tokenizer_for
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer_for("qwen2", tmp)
         torch.manual_seed(11)
-        cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=1536, intermediate_size=4096,
-                             num_hidden_layers=11, num_attention_heads=12, num_key_value_heads=4,
+        cfg = tf.Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads,
                              max_position_embeddings=512, tie_word_embeddings=False,
                              initializer_range=0.02, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -52,7 +60,7 @@ def big_qwen2(cache, repo):
         return install_dir(tmp, str(cache), repo)
 
 
-def ensure_models(cache):
+def ensure_models(cache, shape):
     """{"tiny": info, "big": info}; built on first use, reused afterwards."""
     from make_tiny_model import make_tiny_model
     cache.mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,7 @@ def ensure_models(cache):
             return models
     print("building the benchmark models (once) ...", flush=True)
     models = {"tiny": make_tiny_model("qwen2", str(cache), "bench/qwen2-tiny", seed=1),
-              "big": big_qwen2(cache, "bench/qwen2-1g")}
+              "big": big_qwen2(cache, "bench/qwen2-1g", shape)}
     index.write_text(json.dumps(models))
     return models
 
@@ -74,22 +82,28 @@ def weight_bytes(snapshot):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small models, few runs (a smoke test)")
     ap.add_argument("--build", default=os.environ.get("WBROKER_BINARY_DIR", str(REPO / "build")))
-    ap.add_argument("--cache", default=str(REPO / "bench" / "out" / "worker-hub"))
-    ap.add_argument("--runs", type=int, default=5, help="timed starts per model and mode")
-    ap.add_argument("--tokens", type=int, default=64, help="max_tokens per completion")
-    ap.add_argument("--requests", type=int, default=8, help="completions per mode")
+    ap.add_argument("--cache", help="HF cache for the models (default bench/out/worker-hub[-quick])")
+    ap.add_argument("--runs", type=int, help="timed starts per model and mode (default 5; quick 1)")
+    ap.add_argument("--tokens", type=int, help="max_tokens per completion (default 64; quick 8)")
+    ap.add_argument("--requests", type=int, help="completions per mode (default 8; quick 2)")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "worker.json"))
     args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    args.cache = args.cache or str(REPO / "bench" / "out" / ("worker-hub-quick" if args.quick else "worker-hub"))
+    args.runs = args.runs or (1 if args.quick else 5)
+    args.tokens = args.tokens or (8 if args.quick else 64)
+    args.requests = args.requests or (2 if args.quick else 8)
     os.environ["WBROKER_BINARY_DIR"] = os.path.abspath(args.build)
     os.environ["HF_HUB_OFFLINE"] = "1"
     from wbtest import Broker, Worker  # after WBROKER_BINARY_DIR is set
 
     cache = Path(args.cache)
-    models = ensure_models(cache)
+    models = ensure_models(cache, BIG_SHAPE[mode])
     sizes = {k: weight_bytes(m["snapshot"]) for k, m in models.items()}
-    result = {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg(), "models": {}, "startup": {},
-              "generation": {}}
+    result = {"mode": mode, "runs": args.runs, "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+              "models": {}, "startup": {}, "generation": {}}
     for k, m in models.items():
         result["models"][k] = {"repo": m["repo"], "weights_bytes": sizes[k]}
 

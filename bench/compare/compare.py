@@ -26,7 +26,7 @@ docs/img/compare-*.png and the tables to docs/benchmarks.md between
 those from an earlier run's result.json without measuring. Exit status 1 if a
 configuration failed (skipped ones, for lack of memory, are not failures).
 
-  bench/compare/run.sh [--quick] [--build build-cmp] [--no-doc] [--out DIR]
+  bench/compare/run.sh [--quick] [--build build-cmp] [--no-doc] [--doc FILE] [--out DIR]
 """
 import argparse
 import json
@@ -172,13 +172,13 @@ def describe_row(row):
     return s
 
 
-def render(result, out_dir, no_doc):
-    """The plots (into OUT, or docs/img) and, unless no_doc, the doc section."""
+def render(result, out_dir, no_doc, doc):
+    """The plots (into OUT, or img/ next to the doc) and, unless no_doc, the doc section."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = report.plots(result, out_dir if no_doc else REPO / "docs" / "img")
+    images = report.plots(result, out_dir if no_doc else doc.parent / "img")
     if not no_doc:
-        report.update_doc(result, REPO / "docs" / "benchmarks.md", images)
-    log(f"compare: plots {', '.join(str(p) for p in images)}" + ("" if no_doc else "; docs/benchmarks.md updated"))
+        report.update_doc(result, doc, images)
+    log(f"compare: plots {', '.join(str(p) for p in images)}" + ("" if no_doc else f"; {doc} updated"))
     return 0
 
 
@@ -192,6 +192,9 @@ def main():
                     help="HF hub cache for the generated model (kept and reused)")
     ap.add_argument("--out", help="result.json and plots (default bench/out/compare, quick: compare-quick)")
     ap.add_argument("--no-doc", action="store_true", help="leave docs/ alone (plots go to --out)")
+    ap.add_argument("--doc", help="the document whose compare section is replaced (default "
+                    "docs/benchmarks.md; plots go to img/ next to it); with --quick, only a doc "
+                    "named here is written (bench/run-all --quick passes a temp copy)")
     ap.add_argument("--ns", help="comma-separated process counts (default 1,2,4,8,16; quick 1,2,4)")
     ap.add_argument("--methods", help="comma-separated subset of " +
                     ",".join(m.key for m in all_methods()))
@@ -205,9 +208,11 @@ def main():
                     help="measure nothing: redraw the plots and the doc section from a result.json")
     args = ap.parse_args()
     args.out = args.out or str(REPO / "bench" / "out" / ("compare-quick" if args.quick else "compare"))
-    args.no_doc = args.no_doc or args.quick  # quick numbers never replace the documented ones
+    # Quick numbers never replace the documented ones unless a doc is named.
+    args.no_doc = args.no_doc or (args.quick and not args.doc)
+    args.doc = Path(args.doc or REPO / "docs" / "benchmarks.md")
     if args.render:
-        return render(json.loads(Path(args.render).read_text()), Path(args.out), args.no_doc)
+        return render(json.loads(Path(args.render).read_text()), Path(args.out), args.no_doc, args.doc)
     t_begin = time.monotonic()
     spec = "quick" if args.quick else "full"
     ns = [int(x) for x in (args.ns or ("1,2,4" if args.quick else "1,2,4,8,16")).split(",")]
@@ -285,7 +290,7 @@ def main():
     result["total_seconds"] = time.monotonic() - t_begin
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     log(f"compare: wrote {out_dir / 'result.json'}")
-    render(result, out_dir, args.no_doc)
+    render(result, out_dir, args.no_doc, args.doc)
     if not result["checksums_agree"]:
         log("compare: checksums differ between methods")
         failed = True

@@ -28,6 +28,10 @@ def _version(dist):
 
 
 def git_describe():
+    # bench/run-all describes the tree once, before it rewrites the doc
+    # (which would make every later step's tree "-dirty").
+    if os.environ.get("WBROKER_BENCH_COMMIT"):
+        return os.environ["WBROKER_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], check=True,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()

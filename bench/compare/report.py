@@ -135,8 +135,8 @@ def section(result, images):
     imgs = {Path(p).stem: f"img/{Path(p).name}" for p in images}
     out = [BEGIN, "## Side by side: wbroker against per-process loading (`bench/compare`)", "",
            f"Written by `{result['command']}` (this section and `docs/img/compare-*.png` are replaced by "
-           "every run of `bench/compare/run.sh`; `--no-doc` leaves them alone, `--quick` is the 64 MiB "
-           "development version; `--help` lists the options).", "",
+           "every run of `bench/compare/run.sh`, which `bench/run-all` runs; `--no-doc` leaves them alone, "
+           "`--quick` is the 64 MiB development version; `--help` lists the options).", "",
            f"- Date {mc['date']}, commit `{mc['commit']}`. Total run time {result['total_seconds'] / 60:.1f} min.",
            f"- Machine: {mc['cpu']}, {mc['cores']} cores, {mc['ram_bytes'] / GiB:.1f} GiB RAM, Linux {mc['kernel']}"
            f" ({mc['os']}), shmem THP `{mc['shmem_thp']}`; Python {mc['python']}, torch {mc['torch']}, "

@@ -29,7 +29,7 @@ std::vector<float> FakeEngine::ExpectedEmbedding(const std::string& input) {
 }
 
 http::ModelInfo FakeEngine::Info() const {
-  return {"fake/echo-model", "0123456789abcdef", kind_, "cpu", "float32"};
+  return {"fake/echo-model", "0123456789abcdef", kind_, "cpu", "float32", "host", "attached"};
 }
 
 http::CompletionRequest FakeEngine::last_request() const {

@@ -17,16 +17,22 @@
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
 #include <chrono>
+#include <ctime>
 #include <future>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "fake_engine.h"
+#include "wbroker/common/version.h"
 #include "wbroker/http/listen_address.h"
 #include "wbroker/http/openai_api.h"
 #include "wbroker/http/query_string.h"
+#include "wbroker/http/worker_metrics.h"
 
 namespace wbroker::http {
 namespace {
@@ -305,7 +311,7 @@ TEST_F(HttpServerTest, InferReturnsPromptPlusCompletion) {
   ASSERT_EQ(r.status, 200u) << r.body;
   EXPECT_EQ(r.Json()["result"], prompt + FakeEngine::ExpectedCompletion(prompt, 3));
   EXPECT_EQ(engine_->last_request().temperature, 0.0f);  // greedy
-  EXPECT_TRUE(engine_->last_request().echo);              // decoded prompt + continuation
+  EXPECT_TRUE(engine_->last_request().echo);             // decoded prompt + continuation
   EXPECT_EQ(engine_->last_request().max_tokens, 3);
   // Default max_tokens.
   r = Get("/infer?prompt=hi");
@@ -657,6 +663,19 @@ TEST_F(HttpServerTest, KeepAliveAndPipelining) {
   EXPECT_TRUE(old.PeerClosed());
 }
 
+// The next request on a connection may arrive while the previous one's job
+// is still returning from its handler; that job must not take the new
+// request's state for its own (it once sent a spurious 500 "the request
+// handler sent no answer" here).
+TEST_F(HttpServerTest, BackToBackRequestsOnOneConnectionAllSucceed) {
+  StartServer();
+  Client c(port_);
+  for (int i = 0; i < 200; ++i) {
+    Reply r = c.Post("/v1/completions", {{"prompt", "a b"}, {"max_tokens", 1}});
+    ASSERT_EQ(r.status, 200u) << "request " << i << ": " << r.body;
+  }
+}
+
 TEST_F(HttpServerTest, ExpectContinue) {
   StartServer();
   Client c(port_);
@@ -729,6 +748,206 @@ TEST_F(HttpServerTest, BadListenAddressFailsCreate) {
   auto server = HttpServer::Create(options, std::make_shared<FakeEngine>());
   ASSERT_FALSE(server.ok());
   EXPECT_EQ(server.status().code(), ErrorCode::kInvalidArgument);
+}
+
+// --- /metrics ---
+
+/// One sample of a text exposition: its labels and value.
+struct Sample {
+  std::map<std::string, std::string> labels;  ///< name -> unescaped value
+  double value = 0;                           ///< the number
+};
+
+/// The samples of a Prometheus text exposition by metric name (comments skipped).
+std::multimap<std::string, Sample> ParseExposition(const std::string& text) {
+  std::multimap<std::string, Sample> out;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    size_t name_end = line.find_first_of("{ ");
+    std::string name = line.substr(0, name_end);
+    Sample sample;
+    size_t pos = name_end;
+    if (line[pos] == '{') {
+      ++pos;
+      while (line[pos] != '}') {
+        size_t eq = line.find('=', pos);
+        std::string key = line.substr(pos, eq - pos);
+        std::string value;
+        size_t i = eq + 2;  // past ="
+        for (; line[i] != '"'; ++i) {
+          if (line[i] == '\\') ++i;
+          value += line[i];
+        }
+        sample.labels[key] = value;
+        pos = i + 1;
+        if (line[pos] == ',') ++pos;
+      }
+      ++pos;
+    }
+    sample.value = std::stod(line.substr(pos + 1));
+    out.emplace(name, std::move(sample));
+  }
+  return out;
+}
+
+/// The value of `name` with exactly `labels`; nullopt when there is no such sample.
+std::optional<double> Value(const std::multimap<std::string, Sample>& samples,
+                            const std::string& name,
+                            const std::map<std::string, std::string>& labels = {}) {
+  auto [begin, end] = samples.equal_range(name);
+  for (auto it = begin; it != end; ++it) {
+    if (it->second.labels == labels) return it->second.value;
+  }
+  return std::nullopt;
+}
+
+std::multimap<std::string, Sample> Scrape(Client& c) {
+  Reply r = c.Get("/metrics");
+  EXPECT_EQ(r.status, 200u) << r.body;
+  EXPECT_EQ(r.Header(bhttp::field::content_type), "text/plain; version=0.0.4; charset=utf-8");
+  return ParseExposition(r.body);
+}
+
+TEST(WorkerMetricsTest, EndpointLabelsAreTheRoutesOrOther) {
+  for (const RouteEntry& route : ApiRoutes())
+    EXPECT_EQ(WorkerMetrics::EndpointLabel(route.path), route.path);
+  EXPECT_EQ(WorkerMetrics::EndpointLabel("/metrics"), "/metrics");
+  for (const char* path : {"/", "/v1/completions/", "/v1", "/favicon.ico", "/healthz/x", "-"})
+    EXPECT_EQ(WorkerMetrics::EndpointLabel(path), "other") << path;
+}
+
+TEST_F(HttpServerTest, MetricsCountRequestsAndTokens) {
+  StartServer();
+  engine_->set_token_delay(1ms);  // every completion takes measurable engine time
+  // One connection: each exchange is counted before the next request is read.
+  Client c(port_);
+  for (int i = 0; i < 3; ++i) {
+    Reply r = c.Post("/v1/completions", {{"prompt", "a b c"}, {"max_tokens", 4}});
+    ASSERT_EQ(r.status, 200u) << r.body;
+  }
+  Reply streamed =
+      c.Post("/v1/completions", {{"prompt", "x y"}, {"max_tokens", 5}, {"stream", true}});
+  ASSERT_EQ(streamed.status, 200u);
+  ASSERT_EQ(c.Get("/infer?prompt=hello&max_tokens=2").status, 200u);
+  ASSERT_EQ(c.Post("/v1/completions", {{"prompt", "fail:unavailable"}}).status, 503u);
+  ASSERT_EQ(c.Post("/v1/completions", {{"prompt", "x"}, {"max_tokens", 0}}).status, 400u);
+  ASSERT_EQ(c.Get("/no/such/path").status, 404u);
+  ASSERT_EQ(c.Get("/another%20unknown?x=1").status, 404u);
+  ASSERT_EQ(c.Get("/healthz").status, 200u);
+  ASSERT_EQ(c.Request(bhttp::verb::post, "/healthz").status, 405u);
+
+  auto m = Scrape(c);
+  const std::string req = "wbroker_worker_requests_total";
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/v1/completions"}, {"code", "200"}}), 4);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/v1/completions"}, {"code", "503"}}), 1);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/v1/completions"}, {"code", "400"}}), 1);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/infer"}, {"code", "200"}}), 1);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "other"}, {"code", "404"}}), 2);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/healthz"}, {"code", "200"}}), 1);
+  EXPECT_EQ(Value(m, req, {{"endpoint", "/healthz"}, {"code", "405"}}), 1);
+  // The scrape being answered is not counted yet, and nothing else was sent.
+  EXPECT_FALSE(Value(m, req, {{"endpoint", "/metrics"}, {"code", "200"}}));
+  double total = 0;
+  auto [begin, end] = m.equal_range(req);
+  for (auto it = begin; it != end; ++it) total += it->second.value;
+  EXPECT_EQ(total, 11);
+
+  const std::string dur = "wbroker_worker_request_duration_seconds";
+  EXPECT_EQ(Value(m, dur + "_count", {{"endpoint", "/v1/completions"}}), 6);
+  EXPECT_EQ(Value(m, dur + "_count", {{"endpoint", "/infer"}}), 1);
+  EXPECT_EQ(Value(m, dur + "_count", {{"endpoint", "other"}}), 2);
+  EXPECT_EQ(Value(m, dur + "_count", {{"endpoint", "/healthz"}}), 2);
+  EXPECT_EQ(Value(m, dur + "_count", {{"endpoint", "/v1/embeddings"}}), 0);
+  EXPECT_GT(*Value(m, dur + "_sum", {{"endpoint", "/v1/completions"}}), 0);
+  EXPECT_EQ(Value(m, dur + "_bucket", {{"endpoint", "/infer"}, {"le", "+Inf"}}), 1);
+  EXPECT_EQ(Value(m, "wbroker_worker_requests_in_flight"), 0);
+
+  // Prompts: "a b c" x3, "x y", "hello" (the fake's tokens are words).
+  EXPECT_EQ(Value(m, "wbroker_worker_prompt_tokens_total"), 3 * 3 + 2 + 1);
+  EXPECT_EQ(Value(m, "wbroker_worker_generated_tokens_total"), 3 * 4 + 5 + 2);
+  // One observation per successful completion (/infer included).
+  EXPECT_EQ(Value(m, "wbroker_worker_generation_tokens_per_second_count"), 5);
+  EXPECT_GT(*Value(m, "wbroker_worker_generation_tokens_per_second_sum"), 0);
+  EXPECT_EQ(Value(m, "wbroker_worker_time_to_first_token_seconds_count"), 5);
+
+  EXPECT_EQ(Value(m, "wbroker_worker_build_info",
+                  {{"version", WBROKER_VERSION}, {"commit", WBROKER_GIT_DESCRIBE}}),
+            1);
+  EXPECT_EQ(Value(m, "wbroker_worker_model_info",
+                  {{"model", "fake/echo-model"},
+                   {"revision", "0123456789abcdef"},
+                   {"backend", "host"},
+                   {"device", "cpu"},
+                   {"weights", "attached"},
+                   {"kind", "decoder"},
+                   {"dtype", "float32"}}),
+            1);
+  double started = *Value(m, "wbroker_worker_start_time_seconds");
+  EXPECT_GT(started, static_cast<double>(std::time(nullptr)) - 3600);
+  EXPECT_LE(started, static_cast<double>(std::time(nullptr)) + 1);
+
+  // The next scrape sees the previous one.
+  auto again = Scrape(c);
+  EXPECT_EQ(Value(again, req, {{"endpoint", "/metrics"}, {"code", "200"}}), 1);
+  EXPECT_EQ(Value(again, "wbroker_worker_generated_tokens_total"), 3 * 4 + 5 + 2);
+}
+
+TEST_F(HttpServerTest, MetricsAnswerBeforeTheModelIsReady) {
+  StartServer();
+  engine_->set_ready(false);
+  Client c(port_);
+  ExpectJsonError(c.Get("/readyz"), 503, "not ready");
+  auto m = Scrape(c);
+  EXPECT_EQ(Value(m, "wbroker_worker_requests_total", {{"endpoint", "/readyz"}, {"code", "503"}}),
+            1);
+  EXPECT_EQ(Value(m, "wbroker_worker_generated_tokens_total"), 0);
+}
+
+TEST_F(HttpServerTest, MetricsShowRequestsInFlight) {
+  StartServer();
+  engine_->set_token_delay(50ms);
+  Client slow(port_);
+  slow.Send(bhttp::verb::post, "/v1/completions",
+            json({{"prompt", "tick"}, {"max_tokens", 40}, {"stream", true}}).dump());
+  slow.ReadRawUntil("data: ", 1);  // the stream is under way
+  Client scraper(port_);
+  auto during = Scrape(scraper);
+  EXPECT_EQ(Value(during, "wbroker_worker_requests_in_flight"), 1);
+  EXPECT_EQ(Value(during, "wbroker_worker_requests_total",
+                  {{"endpoint", "/v1/completions"}, {"code", "200"}}),
+            std::nullopt);
+  slow.ReadRawUntil("\r\n0\r\n\r\n", 1);  // the rest of the stream, to its last chunk
+  auto after = Scrape(slow);
+  EXPECT_EQ(Value(after, "wbroker_worker_requests_in_flight"), 0);
+  EXPECT_EQ(Value(after, "wbroker_worker_requests_total",
+                  {{"endpoint", "/v1/completions"}, {"code", "200"}}),
+            1);
+  EXPECT_EQ(Value(after, "wbroker_worker_generated_tokens_total"), 40);
+}
+
+TEST_F(HttpServerTest, MetricsCountAClientThatLeftMidStream) {
+  StartServer();
+  engine_->set_token_delay(20ms);
+  {
+    Client c(port_);
+    c.Send(bhttp::verb::post, "/v1/completions",
+           json({{"prompt", "tick"}, {"max_tokens", 1000}, {"stream", true}}).dump());
+    c.ReadRawUntil("data: ", 2);
+  }  // closes the connection
+  ASSERT_TRUE(WaitFor([&] { return engine_->finished() == 1; }));
+  Client c(port_);
+  // The close reaches the metrics on the connection's strand: wait for it.
+  std::multimap<std::string, Sample> m;
+  ASSERT_TRUE(WaitFor([&] {
+    m = Scrape(c);
+    return Value(m, "wbroker_worker_requests_in_flight") == 0;
+  }));
+  EXPECT_EQ(
+      Value(m, "wbroker_worker_requests_total", {{"endpoint", "/v1/completions"}, {"code", "200"}}),
+      1);
+  // The fake engine returns what it made before the callback said stop.
+  EXPECT_EQ(Value(m, "wbroker_worker_generated_tokens_total"), engine_->last_tokens());
 }
 
 // --- graceful stop ---

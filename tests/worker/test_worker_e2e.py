@@ -6,12 +6,14 @@ embeddings against sentence-transformers, HTTP errors, start-up without a
 broker, SIGTERM, and the memory of four workers sharing one arena against
 four workers with private copies (--from-disk).
 """
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -305,6 +307,108 @@ def test_health_ready_and_models(workers, hub):
     assert [m["id"] for m in models["data"]] == [hub["qwen2"]["repo"]]
 
 
+class Scraper:
+    """One keep-alive connection to a worker: the worker counts a request once
+    its answer is written, before it reads the next request on the same
+    connection, so a scrape on it sees every earlier request counted."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def call(self, method, path, body=None):
+        headers = {}
+        if body is not None:
+            body, headers = json.dumps(body), {"Content-Type": "application/json"}
+        self.conn.request(method, path, body=body, headers=headers)
+        r = self.conn.getresponse()
+        return r.status, r.read(), r.getheader("Content-Type")
+
+    def metrics(self):
+        """{(sample name, frozenset(labels)): value} of GET /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+        status, body, ctype = self.call("GET", "/metrics")
+        assert status == 200, body
+        assert ctype == "text/plain; version=0.0.4; charset=utf-8"
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_metrics_count_requests_and_tokens_as_sent(hub, broker, tmp_path):
+    repo = hub["qwen2"]["repo"]
+    w = Worker(repo, broker, log=tmp_path / "w.log").start()
+    try:
+        c = Scraper(w.port)
+        before = c.metrics()
+        assert value(before, "wbroker_worker_generated_tokens_total") == 0
+        completions = []  # (usage, text) of each successful completion
+        for i, prompt in enumerate(PROMPTS):
+            status, body, _ = c.call("POST", "/v1/completions",
+                                     {"prompt": prompt, "max_tokens": 4 + 3 * i, "temperature": 0})
+            assert status == 200, body
+            j = json.loads(body)
+            completions.append((j["usage"], j["choices"][0]["text"]))
+        status, body, _ = c.call("POST", "/v1/completions",
+                                 {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0, "stream": True,
+                                  "stream_options": {"include_usage": True}})
+        assert status == 200, body
+        events = [json.loads(e[len("data: "):]) for e in body.decode().split("\n\n")
+                  if e and e != "data: [DONE]"]
+        completions.append((events[-1]["usage"], "".join(e["choices"][0]["text"]
+                                                         for e in events if e["choices"])))
+        assert c.call("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0})[0] == 400
+        assert c.call("GET", "/no/such/route")[0] == 404
+        assert c.call("GET", "/favicon.ico")[0] == 404
+        status, body, _ = c.call("GET", "/v1/models")
+        served = json.loads(body)["data"][0]
+
+        m = c.metrics()
+        req = "wbroker_worker_requests_total"
+        n = len(completions)
+        assert value(m, req, endpoint="/v1/completions", code="200") == n
+        assert value(m, req, endpoint="/v1/completions", code="400") == 1
+        assert value(m, req, endpoint="other", code="404") == 2
+        assert value(m, req, endpoint="/v1/models", code="200") == 1
+        assert served["device"] == "cpu"
+        assert value(m, req, endpoint="/metrics", code="200") == 1  # the first scrape, not this one
+        dur = "wbroker_worker_request_duration_seconds"
+        assert value(m, dur + "_count", endpoint="/v1/completions") == n + 1
+        assert value(m, dur + "_bucket", endpoint="/v1/completions", le="+Inf") == n + 1
+        assert value(m, dur + "_count", endpoint="/v1/embeddings") == 0
+        assert value(m, "wbroker_worker_requests_in_flight") == 0
+        assert value(m, "wbroker_worker_prompt_tokens_total") == sum(u["prompt_tokens"] for u, _ in completions)
+        assert value(m, "wbroker_worker_generated_tokens_total") == sum(u["completion_tokens"]
+                                                                        for u, _ in completions)
+        assert value(m, "wbroker_worker_generation_tokens_per_second_count") == sum(
+            1 for u, _ in completions if u["completion_tokens"] > 0)
+        assert value(m, "wbroker_worker_generation_tokens_per_second_sum") > 0
+        assert value(m, "wbroker_worker_time_to_first_token_seconds_count") == sum(
+            1 for _, text in completions if text)
+        assert value(m, "wbroker_worker_model_info", model=repo, revision=served["revision"],
+                     backend="host", device=served["device"], weights="attached", kind="decoder",
+                     dtype=served["dtype"]) == 1
+        build = [k for k in m if k[0] == "wbroker_worker_build_info"]
+        assert len(build) == 1 and m[build[0]] == 1 and dict(build[0][1])["version"], build
+        assert w.started_at and 0 < time.time() - value(m, "wbroker_worker_start_time_seconds") < 3600
+    finally:
+        assert w.stop() == 0
+
+
+def test_metrics_of_a_from_disk_worker_say_disk(hub, tmp_path):
+    w = Worker(hub["qwen2"]["repo"], log=tmp_path / "w.log", from_disk=True, cache=hub["cache"]).start()
+    try:
+        m = Scraper(w.port).metrics()
+        info = [dict(k[1]) for k in m if k[0] == "wbroker_worker_model_info"]
+        assert len(info) == 1, info
+        assert info[0]["weights"] == "disk" and info[0]["backend"] == "none", info
+        assert info[0]["model"] == hub["qwen2"]["repo"]
+    finally:
+        assert w.stop() == 0
+
+
 def test_version_needs_no_model():
     proc = subprocess.run([str(WORKER), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -469,6 +573,12 @@ def test_four_workers_share_one_copy_four_from_disk_hold_four(medium_model, tmp_
               f"{wb_weights / resident:.2f} x resident); 4 --from-disk workers' weights PSS "
               f"{base_weights / 2**20:.1f} MiB ({base_weights / copy:.2f} copies)")
     print(report)
+    # bench/run-all renders docs/benchmarks.md's worker-memory section from this.
+    out = Path(os.environ.get("WBROKER_BENCH_OUT", Path(__file__).resolve().parents[2] / "bench" / "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "worker_pss.json").write_text(json.dumps({
+        "workers": 4, "copy_bytes": copy, "resident_bytes": resident, "attached_weights_pss": wb_weights,
+        "from_disk_weights_pss": base_weights}, indent=2) + "\n")
     assert all(a == 0 for _, a, _ in base)  # the baseline maps no arena
     assert 0.9 <= wb_weights / resident <= 1.1, report
     assert 0.85 <= wb_weights / copy <= 1.1, report

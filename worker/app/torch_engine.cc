@@ -227,6 +227,8 @@ Result<std::unique_ptr<TorchEngine>> TorchEngine::Create(const TorchEngineOption
     snapshot = st->lease->snapshot_dir();
     st->info.revision = st->lease->revision();
     st->info.device = st->lease->device();
+    st->info.backend = st->lease->backend();
+    st->info.weights = "attached";
     st->source = "broker " + st->lease->backend() + " arena (" +
                  std::to_string(st->lease->arena_size() >> 20) + " MiB, shared)";
     auto w = runtime::WeightsFromLease(st->lease);
@@ -239,6 +241,8 @@ Result<std::unique_ptr<TorchEngine>> TorchEngine::Create(const TorchEngineOption
     snapshot = resolved->snapshot_dir;
     st->info.revision = resolved->commit;
     st->info.device = options.device.empty() ? "cpu" : options.device;
+    st->info.backend = "none";
+    st->info.weights = "disk";
     st->source = "private copy read from " + snapshot.string();
     auto w = runtime::WeightsFromFiles(snapshot, /*private_copy=*/true);
     if (!w.ok()) return w.status().WithContext(label);

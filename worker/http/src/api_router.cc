@@ -14,23 +14,20 @@
 #include "wbroker/http/json_response.h"
 #include "wbroker/http/openai_api.h"
 #include "wbroker/http/query_string.h"
+#include "wbroker/http/worker_metrics.h"
 
 namespace wbroker::http {
 namespace {
 
 using nlohmann::json;
 namespace bhttp = boost::beast::http;
-
-/// A path and the one method it answers.
-struct RouteEntry {
-  std::string_view path;  ///< exact path
-  bhttp::verb method;     ///< the method served there
-};
+using Clock = std::chrono::steady_clock;
 
 constexpr RouteEntry kRoutes[] = {
     {"/healthz", bhttp::verb::get},         {"/readyz", bhttp::verb::get},
     {"/v1/models", bhttp::verb::get},       {"/infer", bhttp::verb::get},
     {"/v1/completions", bhttp::verb::post}, {"/v1/embeddings", bhttp::verb::post},
+    {"/metrics", bhttp::verb::get},
 };
 
 int64_t UnixNow() {
@@ -50,10 +47,39 @@ Dispatch Answer(Response response) {
   return Dispatch{std::move(response), {}};
 }
 
+// Engine::Complete() with the timings the token metrics need: the first
+// text delta is noted on its way to `on_text`.
+Result<CompletionResult> TimedComplete(Engine& engine, const CompletionRequest& req,
+                                       const TextCallback& on_text, WorkerMetrics& metrics,
+                                       Clock::time_point routed) {
+  CompletionTiming timing;
+  timing.routed = routed;
+  timing.engine_start = Clock::now();
+  auto result = engine.Complete(req, [&](std::string_view delta) {
+    if (!timing.first_text) timing.first_text = Clock::now();
+    return on_text(delta);
+  });
+  timing.engine_end = Clock::now();
+  if (result.ok()) {
+    timing.prompt_tokens = result->prompt_tokens;
+    timing.completion_tokens = result->completion_tokens;
+    metrics.ObserveCompletion(timing);
+  }
+  return result;
+}
+
 }  // namespace
 
-ApiRouter::ApiRouter(std::shared_ptr<Engine> engine, const HttpServerOptions& options)
-    : engine_(std::move(engine)), options_(options), started_(UnixNow()) {}
+std::span<const RouteEntry> ApiRoutes() {
+  return kRoutes;
+}
+
+ApiRouter::ApiRouter(std::shared_ptr<Engine> engine, const HttpServerOptions& options,
+                     std::shared_ptr<WorkerMetrics> metrics)
+    : engine_(std::move(engine)),
+      options_(options),
+      metrics_(std::move(metrics)),
+      started_(UnixNow()) {}
 
 std::string ApiRouter::ServedName() const {
   return options_.model_name.empty() ? engine_->Info().id : options_.model_name;
@@ -91,6 +117,7 @@ Dispatch ApiRouter::RouteOrThrow(const Request& request) const {
   }
   if (path == "/healthz") return Answer(JsonResponse(HttpStatus::ok, {{"status", "ok"}}));
   if (path == "/readyz") return Answer(Readyz());
+  if (path == "/metrics") return Answer(Metrics());
   if (path == "/v1/models") return Answer(Models());
   if (path == "/infer") return Infer(target->query);
   if (path == "/v1/completions") return Completions(request);
@@ -100,6 +127,13 @@ Dispatch ApiRouter::RouteOrThrow(const Request& request) const {
 Response ApiRouter::Readyz() const {
   if (engine_->Ready()) return JsonResponse(HttpStatus::ok, {{"status", "ready"}});
   return ErrorResponse(HttpStatus::service_unavailable, "the model is not ready");
+}
+
+Response ApiRouter::Metrics() const {
+  Response res(HttpStatus::ok, 11);
+  res.set(bhttp::field::content_type, std::string(kMetricsContentType));
+  res.body() = metrics_->Render();
+  return res;
 }
 
 Response ApiRouter::Models() const {
@@ -147,9 +181,12 @@ Dispatch ApiRouter::Infer(std::string_view query) const {
                                 fmt::format("model {} does not generate text", ServedName())));
   if (!engine_->Ready())
     return Answer(ErrorResponse(HttpStatus::service_unavailable, "the model is not ready"));
-  return Dispatch{{}, [engine = engine_, req = std::move(req)](Responder& r) {
-                    auto result =
-                        engine->Complete(req, [&r](std::string_view) { return !r.ClientGone(); });
+  return Dispatch{{},
+                  [engine = engine_, metrics = metrics_, req = std::move(req),
+                   routed = Clock::now()](Responder& r) {
+                    auto result = TimedComplete(
+                        *engine, req, [&r](std::string_view) { return !r.ClientGone(); }, *metrics,
+                        routed);
                     if (!result.ok()) return r.Send(ErrorResponse(result.status()));
                     r.Send(JsonResponse(HttpStatus::ok, {{"result", result->text}}));
                   }};
@@ -162,7 +199,7 @@ namespace {
 // [DONE]. The header goes out with the first event, so an engine failing
 // before its first delta still gets a proper HTTP error status.
 void StreamCompletion(Engine& engine, const CompletionBody& body, const std::string& model,
-                      Responder& r) {
+                      WorkerMetrics& metrics, Clock::time_point routed, Responder& r) {
   const std::string id = NewCompletionId();
   const int64_t created = UnixNow();
   bool started = false;
@@ -184,7 +221,7 @@ void StreamCompletion(Engine& engine, const CompletionBody& body, const std::str
     pending.erase(0, n);
     return !gone;
   };
-  auto result = engine.Complete(body.request, on_text);
+  auto result = TimedComplete(engine, body.request, on_text, metrics, routed);
   if (!result.ok()) {
     if (!started) return r.Send(ErrorResponse(result.status()));
     const Status& error = result.status();
@@ -220,16 +257,18 @@ Dispatch ApiRouter::Completions(const Request& request) const {
                     model)));
   if (!engine_->Ready())
     return Answer(ErrorResponse(HttpStatus::service_unavailable, "the model is not ready"));
-  return Dispatch{
-      {},
-      [engine = engine_, body = std::move(body).value(), model = std::move(model)](Responder& r) {
-        if (body.stream) return StreamCompletion(*engine, body, model, r);
-        auto result =
-            engine->Complete(body.request, [&r](std::string_view) { return !r.ClientGone(); });
-        if (!result.ok()) return r.Send(ErrorResponse(result.status()));
-        r.Send(JsonResponse(HttpStatus::ok,
-                            CompletionJson(NewCompletionId(), UnixNow(), model, *result)));
-      }};
+  return Dispatch{{},
+                  [engine = engine_, metrics = metrics_, body = std::move(body).value(),
+                   model = std::move(model), routed = Clock::now()](Responder& r) {
+                    if (body.stream)
+                      return StreamCompletion(*engine, body, model, *metrics, routed, r);
+                    auto result = TimedComplete(
+                        *engine, body.request, [&r](std::string_view) { return !r.ClientGone(); },
+                        *metrics, routed);
+                    if (!result.ok()) return r.Send(ErrorResponse(result.status()));
+                    r.Send(JsonResponse(HttpStatus::ok, CompletionJson(NewCompletionId(), UnixNow(),
+                                                                       model, *result)));
+                  }};
 }
 
 Dispatch ApiRouter::Embeddings(const Request& request) const {

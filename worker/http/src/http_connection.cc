@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "wbroker/http/json_error.h"
+#include "wbroker/http/query_string.h"
 
 namespace wbroker::http {
 namespace {
@@ -35,6 +36,9 @@ constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
 constexpr size_t kMaxLingerBytes = 4 << 20;
 /// ... for at most this long, then close.
 constexpr std::chrono::seconds kLingerTime{2};
+/// The status counted for a request whose client left before any answer
+/// (nginx's "client closed request").
+constexpr unsigned kClientClosedRequest = 499;
 
 bool IsHttpParseError(const error_code& ec) {
   return ec.category() == bhttp::make_error_code(bhttp::error::bad_method).category();
@@ -46,6 +50,41 @@ std::string Serialize(const Message& message) {
   out << message;
   return std::move(out).str();
 }
+
+/// The Responder one request's work answers through: forwards to the
+/// connection and remembers how far this job's answer got. The flags cannot
+/// live on the connection: the client may send its next request as soon as
+/// this answer is written, and that request's reset would race with this
+/// job's check. Used by the job's compute thread only.
+class JobResponder final : public Responder {
+ public:
+  explicit JobResponder(Responder& connection) : connection_(connection) {}
+
+  void Send(Response response) override {
+    answered_ = true;
+    connection_.Send(std::move(response));
+  }
+  void BeginStream(HttpStatus status, std::string content_type) override {
+    answered_ = streaming_ = true;
+    connection_.BeginStream(status, std::move(content_type));
+  }
+  bool Write(std::string data) override { return connection_.Write(std::move(data)); }
+  void EndStream() override {
+    ended_ = true;
+    connection_.EndStream();
+  }
+  bool ClientGone() const override { return connection_.ClientGone(); }
+
+  bool answered() const { return answered_; }
+  bool streaming() const { return streaming_; }
+  bool ended() const { return ended_; }
+
+ private:
+  Responder& connection_;   ///< where the answer goes
+  bool answered_ = false;   ///< Send() or BeginStream() called
+  bool streaming_ = false;  ///< BeginStream() called
+  bool ended_ = false;      ///< EndStream() called
+};
 
 }  // namespace
 
@@ -98,6 +137,7 @@ void HttpConnection::OnHeader(const error_code& ec) {
   method_ = std::string(header.method_string());
   std::string_view target = StdView(header.target());
   path_ = std::string(target.substr(0, target.find('?')));
+  BeginCounted();
   if (parser_->is_done()) return OnRead({});
   if (beast::iequals(header[bhttp::field::expect], "100-continue")) {
     // The client waits for this before sending its body (curl does, for large ones).
@@ -140,6 +180,7 @@ void HttpConnection::OnReadError(const error_code& ec) {
     return Close();
   }
   if (phase_ == Phase::kIdle) started_ = std::chrono::steady_clock::now();
+  BeginCounted();
   phase_ = Phase::kBusy;
   keep_alive_ = false;
   if (ec == bhttp::error::body_limit) {
@@ -163,9 +204,6 @@ void HttpConnection::Process(Request request) {
   keep_alive_ = request.keep_alive();
   Dispatch dispatch = ctx_.router->Route(request);
   if (!dispatch.work) return QueueResponse(std::move(dispatch.response));
-  answered_ = false;
-  streaming_ = false;
-  ended_ = false;
   DoWatchPeer();
   // The work guard keeps Run() from returning while the job has the request.
   auto job = [self = shared_from_this(), work = std::move(dispatch.work),
@@ -182,25 +220,26 @@ void HttpConnection::Process(Request request) {
 
 // Runs on a compute thread.
 void HttpConnection::RunWork(const std::function<void(Responder&)>& work) {
+  JobResponder job(*this);
   try {
-    work(*this);
+    work(job);
   } catch (const std::exception& e) {
     spdlog::error("http {} {} {}: {}", id_, method_, path_, e.what());
-    if (!answered_)
-      Send(ErrorResponse(HttpStatus::internal_server_error,
-                         fmt::format("internal error: {}", e.what())));
+    if (!job.answered())
+      job.Send(ErrorResponse(HttpStatus::internal_server_error,
+                             fmt::format("internal error: {}", e.what())));
   }
-  if (!answered_) {
-    Send(ErrorResponse(HttpStatus::internal_server_error, "the request handler sent no answer"));
-  } else if (streaming_ && !ended_) {
-    EndStream();
+  if (!job.answered()) {
+    job.Send(
+        ErrorResponse(HttpStatus::internal_server_error, "the request handler sent no answer"));
+  } else if (job.streaming() && !job.ended()) {
+    job.EndStream();
   }
 }
 
 // --- Responder (compute thread) ---
 
 void HttpConnection::Send(Response response) {
-  answered_ = true;
   net::post(stream_.get_executor(),
             [self = shared_from_this(), response = std::move(response)]() mutable {
               self->QueueResponse(std::move(response));
@@ -208,8 +247,6 @@ void HttpConnection::Send(Response response) {
 }
 
 void HttpConnection::BeginStream(HttpStatus status, std::string content_type) {
-  answered_ = true;
-  streaming_ = true;
   net::post(stream_.get_executor(),
             [self = shared_from_this(), status, content_type = std::move(content_type)] {
               self->QueueStreamHeader(status, content_type);
@@ -236,7 +273,6 @@ bool HttpConnection::Write(std::string data) {
 }
 
 void HttpConnection::EndStream() {
-  ended_ = true;
   net::post(stream_.get_executor(), [self = shared_from_this()] { self->QueueStreamEnd(); });
 }
 
@@ -328,6 +364,7 @@ void HttpConnection::FinishExchange() {
   auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started_);
   spdlog::debug("http {} {} \"{} {}\" {} {:.1f} ms", id_, remote_, method_, path_, status_,
                 ms.count());
+  EndCounted();
   ++exchange_;  // any peer watch still pending is stale now
   if (watching_) {
     watching_ = false;
@@ -346,6 +383,23 @@ void HttpConnection::FinishExchange() {
     return DoLinger();
   }
   DoReadHeader();
+}
+
+void HttpConnection::BeginCounted() {
+  if (counted_ || !ctx_.metrics) return;
+  status_ = 0;
+  // The label is the route the router will match: the decoded path.
+  auto target = SplitTarget(path_);
+  counted_ = WorkerMetrics::EndpointLabel(target.ok() ? std::string_view(target->path)
+                                                      : std::string_view(path_));
+  ctx_.metrics->RequestBegun(*counted_);
+}
+
+void HttpConnection::EndCounted() {
+  if (!counted_) return;
+  auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_);
+  ctx_.metrics->RequestEnded(*counted_, status_ ? status_ : kClientClosedRequest, seconds.count());
+  counted_.reset();
 }
 
 void HttpConnection::DoLinger() {
@@ -386,6 +440,7 @@ void HttpConnection::OnPeerReadable(const error_code& ec, uint64_t exchange) {
 void HttpConnection::Close() {
   if (phase_ == Phase::kClosed) return;
   phase_ = Phase::kClosed;
+  EndCounted();
   MarkGone();
   error_code ignored;
   stream_.socket().shutdown(net::ip::tcp::socket::shutdown_both, ignored);

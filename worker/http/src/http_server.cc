@@ -53,7 +53,8 @@ HttpServer::HttpServer(const HttpServerOptions& options, std::shared_ptr<Engine>
       acceptor_(accept_strand_),
       accept_backoff_(accept_strand_),
       drain_timer_(accept_strand_),
-      router_(std::move(engine), options_),
+      metrics_(std::make_shared<WorkerMetrics>(engine)),
+      router_(std::move(engine), options_, metrics_),
       compute_(options.compute_threads, options.max_pending_requests) {}
 
 HttpServer::~HttpServer() {
@@ -136,8 +137,9 @@ void HttpServer::OnAccept(const error_code& ec, tcp::socket socket) {
     std::lock_guard lock(mu_);
     id = next_id_++;
   }
-  ConnectionContext ctx{&options_, &router_, &compute_, &io_,
-                        [this](uint64_t closed_id) { Forget(closed_id); }};
+  ConnectionContext ctx{&options_,      &router_,
+                        &compute_,      &io_,
+                        metrics_.get(), [this](uint64_t closed_id) { Forget(closed_id); }};
   auto connection = std::make_shared<HttpConnection>(std::move(socket), id, std::move(ctx));
   {
     std::lock_guard lock(mu_);

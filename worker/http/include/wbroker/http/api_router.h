@@ -14,6 +14,8 @@
 //                         next to the usual {"error": {...}}.
 //   POST /v1/completions  OpenAI completions, optionally streamed (SSE)
 //   POST /v1/embeddings   OpenAI embeddings (encoder models)
+//   GET  /metrics         Prometheus text exposition (worker_metrics.h), also
+//                         while the model is not ready
 // Unknown paths are 404, known paths with another method 405 with Allow.
 #pragma once
 
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -30,6 +33,17 @@
 #include "wbroker/http/responder.h"
 
 namespace wbroker::http {
+
+class WorkerMetrics;
+
+/// A path the API serves and the one method it answers there.
+struct RouteEntry {
+  std::string_view path;            ///< exact path
+  boost::beast::http::verb method;  ///< the method served there
+};
+
+/// Every route of the API, in a fixed order.
+std::span<const RouteEntry> ApiRoutes();
 
 /// What the router makes of one request.
 struct Dispatch {
@@ -42,7 +56,9 @@ struct Dispatch {
 
 class ApiRouter {
  public:
-  ApiRouter(std::shared_ptr<Engine> engine, const HttpServerOptions& options);
+  /// `metrics` serves /metrics and receives the token counts of completions.
+  ApiRouter(std::shared_ptr<Engine> engine, const HttpServerOptions& options,
+            std::shared_ptr<WorkerMetrics> metrics);
 
   /// Routes one request; thread-safe, never throws (a failure becomes a 500).
   Dispatch Route(const Request& request) const;
@@ -51,6 +67,7 @@ class ApiRouter {
   Dispatch RouteOrThrow(const Request& request) const;
   Response Models() const;
   Response Readyz() const;
+  Response Metrics() const;
   Dispatch Infer(std::string_view query) const;
   Dispatch Completions(const Request& request) const;
   Dispatch Embeddings(const Request& request) const;
@@ -59,9 +76,10 @@ class ApiRouter {
   /// The served model's public name.
   std::string ServedName() const;
 
-  std::shared_ptr<Engine> engine_;  ///< does the inference
-  HttpServerOptions options_;       ///< limits, names
-  int64_t started_;                 ///< unix time of construction ("created" in /v1/models)
+  std::shared_ptr<Engine> engine_;          ///< does the inference
+  HttpServerOptions options_;               ///< limits, names
+  std::shared_ptr<WorkerMetrics> metrics_;  ///< /metrics and the token counts
+  int64_t started_;                         ///< unix time of construction ("created" in /v1/models)
 };
 
 }  // namespace wbroker::http

@@ -42,6 +42,10 @@ struct ModelInfo {
   std::string kind;      ///< "decoder" | "encoder"
   std::string device;    ///< e.g. "cpu", "cuda:0"
   std::string dtype;     ///< e.g. "float16"
+  /// The wbrokerd backend the weights are attached from ("host", "cuda-vmm",
+  /// "cuda-ipc"), "none" when they were read from disk; "" = unknown.
+  std::string backend;
+  std::string weights;  ///< "attached" (from wbrokerd) or "disk" (a private copy); "" = unknown
 };
 
 /// Called with each new piece of text while generating; return false to stop (client went away).

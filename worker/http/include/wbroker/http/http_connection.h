@@ -25,6 +25,7 @@
 #include "wbroker/http/compute_pool.h"
 #include "wbroker/http/http_server_options.h"
 #include "wbroker/http/responder.h"
+#include "wbroker/http/worker_metrics.h"
 
 namespace wbroker::http {
 
@@ -34,6 +35,7 @@ struct ConnectionContext {
   const ApiRouter* router = nullptr;           ///< turns requests into answers
   ComputePool* compute = nullptr;              ///< runs inference work
   boost::asio::io_context* io = nullptr;       ///< kept busy while work runs
+  WorkerMetrics* metrics = nullptr;            ///< counts every request answered
   std::function<void(uint64_t id)> on_closed;  ///< called from the destructor
 };
 
@@ -91,6 +93,10 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection>, publ
   void DoWrite();
   void OnWrite(const boost::system::error_code& ec);
   void FinishExchange();
+  /// Counts the request now being read in the metrics (idempotent per request).
+  void BeginCounted();
+  /// Ends the counted request with status_ (499 when nothing was sent).
+  void EndCounted();
   void DoWatchPeer();
   void OnPeerReadable(const boost::system::error_code& ec, uint64_t exchange);
   void DoLinger();
@@ -117,7 +123,8 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection>, publ
   std::string method_ = "-";                         ///< for the access log
   std::string path_ = "-";                           ///< for the access log (no query)
   unsigned status_ = 0;                              ///< for the access log
-  std::chrono::steady_clock::time_point started_;    ///< request start, for the access log
+  std::chrono::steady_clock::time_point started_;    ///< request start, for the log and metrics
+  std::optional<std::string_view> counted_;          ///< endpoint label while counted in metrics
   std::deque<Outgoing> outq_;                        ///< waiting for the socket
   bool writing_ = false;                             ///< an async_write is pending
   uint64_t exchange_ = 0;                            ///< request counter; stale watches ignore
@@ -126,13 +133,10 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection>, publ
   std::unique_ptr<std::array<char, 4096>> scratch_;  ///< discard buffer for lingering
 
   // Shared with the compute thread.
-  std::atomic<bool> gone_{false};       ///< client closed/reset, or we closed
-  std::atomic<bool> answered_{false};   ///< Send() or BeginStream() called for this request
-  std::atomic<bool> streaming_{false};  ///< BeginStream() called
-  std::atomic<bool> ended_{false};      ///< EndStream() called
-  std::mutex flow_mu_;                  ///< guards queued_bytes_ (and gone_ wake-ups)
-  std::condition_variable flow_cv_;     ///< Write() waits here for credit
-  size_t queued_bytes_ = 0;             ///< streamed bytes not yet written
+  std::atomic<bool> gone_{false};    ///< client closed/reset, or we closed
+  std::mutex flow_mu_;               ///< guards queued_bytes_ (and gone_ wake-ups)
+  std::condition_variable flow_cv_;  ///< Write() waits here for credit
+  size_t queued_bytes_ = 0;          ///< streamed bytes not yet written
 };
 
 }  // namespace wbroker::http

@@ -17,6 +17,7 @@
 #include "wbroker/http/compute_pool.h"
 #include "wbroker/http/engine.h"
 #include "wbroker/http/http_server_options.h"
+#include "wbroker/http/worker_metrics.h"
 
 namespace wbroker::http {
 
@@ -75,6 +76,7 @@ class HttpServer {
   boost::asio::steady_timer accept_backoff_;  ///< delay after a failed accept
   boost::asio::steady_timer drain_timer_;     ///< bounds the drain after Stop()
   boost::asio::ip::tcp::endpoint endpoint_;   ///< bound address
+  std::shared_ptr<WorkerMetrics> metrics_;    ///< /metrics; shared with the router
   ApiRouter router_;                          ///< the API
   ComputePool compute_;                       ///< inference threads
   std::atomic<bool> stop_requested_{false};   ///< Stop() was called
