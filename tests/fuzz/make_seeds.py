@@ -268,6 +268,20 @@ model = "sentence-transformers/all-MiniLM-L6-v2"
         "dates_and_floats": b"max_memory = 1979-05-27T07:32:00Z\nloader_threads = 4.0\n",
         "unicode_escapes": b'socket_group = "\\u00e9\\U0001F600"\nlog_level = """multi\nline"""\n',
         "bad_utf8": b'socket_group = "\xff\xfe"\n',
+        "access_rules": b"""admin_group = "wbroker-admin"
+max_leases_per_client = 64
+idle_timeout_ms = 30000
+
+[[access]]
+model = "org/*"
+uids = [1000, 1001]
+groups = ["wbroker", "0"]
+
+[[access]]
+model = "/srv/models/private"
+groups = ["root"]
+""",
+        "bad_access": b'[[access]]\nmodel = ""\nuids = [-1, "x"]\ngroups = ["no-such-group"]\nextra = 1\n',
         "socket_mode_cli": b"0660",
         "device_list_cli": b" cuda:0 , cuda:1 ",
     }
