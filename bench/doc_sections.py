@@ -84,7 +84,9 @@ def render_machine(args):
     mc = machine_info.describe()
     load_start = float(args.load_start) if args.load_start else None
     load_end = os.getloadavg()[0]
-    busy = max(load_start or 0, load_end) > (mc["cores"] or 1)
+    # The end figure includes the benchmark's own processes (bench/compare
+    # runs up to 16 at once): only the start says whether others were busy.
+    busy = (load_start if load_start is not None else load_end) > (mc["cores"] or 1)
     gpus = gpu_description()
     command = "bench/run-all" + (" --quick" if args.mode == "quick" else "")
     lines = ["## The run these numbers come from", "",
@@ -99,7 +101,8 @@ def render_machine(args):
              f"safetensors {mc['safetensors']}.",
              "- GPU: " + ("; ".join(gpus) if gpus else "none (no `nvidia-smi` device): the GPU sections "
                           "say *not measured on this machine*."),
-             f"- Load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}"
+             f"- Load average (1 min) at start {load_start:.2f}, at end {load_end:.2f} (the end "
+             "includes the benchmark's own processes)"
              if load_start is not None else f"- Load average (1 min) at end {load_end:.2f}"]
     lines[-1] += (" - **the machine was busy with other work: treat times and rates as rough**."
                   if busy else ".")

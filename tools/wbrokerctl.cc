@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/chrono.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -63,6 +64,13 @@ std::string FormatStatus(const json& st) {
                    wbroker::FormatBytes(m.value("bytes", 0ull)), m.value("tensors", 0),
                    m.value("leases", 0), state, m.value("load_seconds", 0.0));
     if (m.contains("error")) fmt::format_to(to, "    error: {}\n", m["error"].get<std::string>());
+    // Where the model came from and where it is going, when that is news.
+    std::vector<std::string> notes;
+    if (m.value("pinned", false)) notes.push_back("preloaded (pinned)");
+    if (m.value("adopted", false)) notes.push_back("adopted from the previous broker");
+    if (!m.value("superseded_by", "").empty())
+      notes.push_back("replaced by " + m.value("superseded_by", "") + ", freed at its last release");
+    if (!notes.empty()) fmt::format_to(to, "    {}\n", fmt::join(notes, "; "));
   }
   fmt::format_to(to, "\n{:<8} {:<8} {:<8} {:<24} {:>6}\n", "CLIENT", "PID", "UID", "NAME",
                  "LEASES");
