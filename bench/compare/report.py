@@ -131,7 +131,9 @@ def section(result, images):
     """The markdown between the markers."""
     mc, md, st = result["machine"], result["model"], result["settings"]
     by = _by_method(result)
-    busy = max(result["loadavg_start"][0], result["loadavg_end"][0]) > mc["cores"]
+    # The end figure includes the benchmark's own N processes: only the start
+    # says whether other work was running.
+    busy = result["loadavg_start"][0] > mc["cores"]
     imgs = {Path(p).stem: f"img/{Path(p).name}" for p in images}
     out = [BEGIN, "## Side by side: wbroker against per-process loading (`bench/compare`)", "",
            f"Written by `{result['command']}` (this section and `docs/img/compare-*.png` are replaced by "
@@ -142,7 +144,8 @@ def section(result, images):
            f" ({mc['os']}), shmem THP `{mc['shmem_thp']}`; Python {mc['python']}, torch {mc['torch']}, "
            f"safetensors {mc['safetensors']}, transformers {mc['transformers']}.",
            f"- Load average (1 min) at start {result['loadavg_start'][0]:.2f}, at end "
-           f"{result['loadavg_end'][0]:.2f}" + (" - **the machine was busy with other work during the run: "
+           f"{result['loadavg_end'][0]:.2f} (the end includes the benchmark's own processes)"
+           + (" - **the machine was busy with other work during the run: "
                                                 "treat times and rates as rough**." if busy else "."),
            f"- Model: a random {md['arch']} built with transformers from its config "
            f"({md['parameters'] / 1e6:.0f} M parameters, {md['bytes'] / GiB:.2f} GiB fp32 in {md['tensors']} "
