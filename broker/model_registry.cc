@@ -100,16 +100,25 @@ void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cas
                             key)));
     return;
   }
+  LoadEntry(NewEntry(model, cast_to, pin), std::move(done));
+}
+
+std::shared_ptr<ModelEntry> ModelRegistry::NewEntry(const ResolvedModel& model,
+                                                    std::optional<DType> cast_to, bool pin) {
   auto entry = std::make_shared<ModelEntry>();
-  entry->key = key;
+  entry->key = ModelKey(model, cast_to);
   entry->resolved = model;
   entry->cast_to = cast_to;
   entry->pinned = pin;
+  entries_[entry->key] = entry;
+  return entry;
+}
+
+void ModelRegistry::LoadEntry(const std::shared_ptr<ModelEntry>& entry, AcquireCallback done) {
   entry->waiters.push_back([entry, done](Status s) {
     if (s.ok()) done(entry);
     else done(s);
   });
-  entries_[key] = entry;
   PublishRows();
   StartLoad(entry);
 }
@@ -193,17 +202,13 @@ Result<std::shared_ptr<ModelEntry>> ModelRegistry::Adopt(const ResolvedModel& mo
     return Status(ErrorCode::kAlreadyExists, fmt::format("model {} is already {} here", key,
                                                          ModelStateName(it->second->state)));
   WB_RETURN_IF_ERROR(budget_.TryReserve(loaded.arena->size(), "adopting " + key));
-  auto entry = std::make_shared<ModelEntry>();
-  entry->key = key;
-  entry->resolved = model;
-  entry->cast_to = cast_to;
+  auto entry = NewEntry(model, cast_to, /*pin=*/false);
   entry->loaded = std::move(loaded);
   entry->manifest_text = ManifestToJson(entry->loaded.tensors)
                              .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   entry->state = ModelState::kReady;
   entry->adopted = true;
   entry->loaded_at = std::chrono::system_clock::now();
-  entries_[key] = entry;
   spdlog::info("adopted {}: {} tensors, {} on {} ({}), not loaded again", key,
                entry->loaded.tensors.size(), FormatBytes(entry->loaded.arena->size()),
                backend_.device(), backend_.name());
@@ -334,23 +339,11 @@ void ModelRegistry::Replace(const ResolvedModel& model, std::optional<DType> cas
     auto existing = entries_.find(key);
     if (existing == entries_.end() || existing->second->state == ModelState::kFailed) {
       if (existing != entries_.end()) entries_.erase(existing);
-      auto placeholder = std::make_shared<ModelEntry>();
-      placeholder->key = key;
-      placeholder->resolved = model;
-      placeholder->cast_to = cast_to;
-      placeholder->pinned = pin;
+      auto placeholder = NewEntry(model, cast_to, pin);
       placeholder->replacing = true;
       placeholder->wait_for_drain = true;
-      entries_[key] = placeholder;
       for (const auto& old : olds) Supersede(old, placeholder);
-      placeholder->waiters.push_back([placeholder, done](Status s) {
-        if (s.ok())
-          done(placeholder);
-        else
-          done(s);
-      });
-      PublishRows();
-      StartLoad(placeholder);
+      LoadEntry(placeholder, done);
       return;
     }
   }
@@ -381,21 +374,9 @@ void ModelRegistry::Replace(const ResolvedModel& model, std::optional<DType> cas
   auto existing = entries_.find(key);
   if (existing == entries_.end()) {
     // Mark the new entry as a replacement before its load starts.
-    auto entry = std::make_shared<ModelEntry>();
-    entry->key = key;
-    entry->resolved = model;
-    entry->cast_to = cast_to;
-    entry->pinned = pin;
+    auto entry = NewEntry(model, cast_to, pin);
     entry->replacing = true;
-    entry->waiters.push_back([entry, on_loaded](Status s) {
-      if (s.ok())
-        on_loaded(entry);
-      else
-        on_loaded(s);
-    });
-    entries_[key] = entry;
-    PublishRows();
-    StartLoad(entry);
+    LoadEntry(entry, std::move(on_loaded));
     return;
   }
   Acquire(model, cast_to, /*allow_load=*/true, pin, std::move(on_loaded), /*exact_commit=*/true);

@@ -175,6 +175,11 @@ class ModelRegistry {
   void Clear();
 
  private:
+  /// Creates the entry for `model` (state loading) and files it under its key.
+  std::shared_ptr<ModelEntry> NewEntry(const ResolvedModel& model, std::optional<DType> cast_to,
+                                       bool pin);
+  /// Calls `done` when `entry`'s load ends, then starts that load.
+  void LoadEntry(const std::shared_ptr<ModelEntry>& entry, AcquireCallback done);
   void StartLoad(const std::shared_ptr<ModelEntry>& entry);
   void FinishLoad(const std::shared_ptr<ModelEntry>& entry, Result<LoadedModel> result);
   void Free(const std::shared_ptr<ModelEntry>& entry);
