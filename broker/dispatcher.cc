@@ -37,16 +37,6 @@ json Reply(const json& req) {
   return r;
 }
 
-// True when the request's "revision" is (a prefix of) the commit it resolved
-// to: such an attach wants exactly that revision, not its replacement.
-bool NamesCommit(const json& req, const ResolvedModel& resolved) {
-  auto it = req.find("revision");
-  if (it == req.end() || !it->is_string()) return false;
-  const std::string rev = it->get<std::string>();
-  return rev.size() >= 7 && !resolved.commit.empty() && resolved.commit.rfind(rev, 0) == 0 &&
-         rev.find_first_not_of("0123456789abcdef") == std::string::npos;
-}
-
 json IdOf(const json& req) {
   auto it = req.find("id");
   return it == req.end() ? json() : *it;
@@ -232,8 +222,7 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
         body += e->manifest_text;
         body += '}';
         s->SendRaw(std::move(body), std::move(fds));
-      },
-      NamesCommit(req, *resolved));
+      });
 }
 
 void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) {
@@ -463,8 +452,7 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
     dev->registry->Replace(*resolved, *cast, ReplaceOptions{false, allow_downtime},
                            std::move(done));
   } else {
-    dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false, std::move(done),
-                           NamesCommit(req, *resolved));
+    dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false, std::move(done));
   }
   // Still loading (Acquire has not answered yet): sample it until it ends.
   if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(*resolved, *cast));

@@ -27,6 +27,19 @@ const char* ModelStateName(ModelState state) {
   return "unknown";
 }
 
+namespace {
+
+// True when the request named the commit itself (all of it, or a prefix of at
+// least 7 hex digits) rather than a branch or tag: such a request wants
+// exactly that revision, never its replacement.
+bool NamesCommit(const ResolvedModel& m) {
+  const std::string& rev = m.requested_revision;
+  return rev.size() >= 7 && !m.commit.empty() && m.commit.rfind(rev, 0) == 0 &&
+         rev.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+}  // namespace
+
 std::string ModelKey(const ResolvedModel& m, std::optional<DType> cast_to) {
   std::string key = m.model + "@" + (m.commit.empty() ? "local" : m.commit);
   if (cast_to) key += ":" + std::string(DTypeName(*cast_to));
@@ -52,8 +65,7 @@ ModelRegistry::~ModelRegistry() {
 void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cast_to,
                             bool allow_load, bool pin, AcquireCallback done, bool exact_commit) {
   std::string key = ModelKey(model, cast_to);
-  // A request for the full commit (reattach, a pinned deployment) means that one.
-  exact_commit = exact_commit || (!model.commit.empty() && model.requested_revision == model.commit);
+  exact_commit = exact_commit || NamesCommit(model);
   if (!exact_commit) {
     // A replaced revision leads to its replacement (chains were collapsed
     // when they formed, so one step is enough).

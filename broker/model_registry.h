@@ -109,8 +109,8 @@ class ModelRegistry {
   /// Calls `done` with the ready entry for `model`, loading it first when it
   /// is not loaded and `allow_load` is set. A failed entry is retried. A
   /// draining entry is refused. `done` may run before Acquire returns.
-  /// Unless `exact_commit` (the request named a commit), a revision that was
-  /// replaced (`load --replace`) leads to its replacement.
+  /// Unless the request named a commit (or `exact_commit`), a revision that
+  /// was replaced (`load --replace`) leads to its replacement.
   void Acquire(const ResolvedModel& model, std::optional<DType> cast_to, bool allow_load, bool pin,
                AcquireCallback done, bool exact_commit = false);
 
