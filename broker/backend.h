@@ -84,6 +84,12 @@ class Backend {
   virtual std::string device_uuid() const { return ""; }
   /// True when Fill() can convert dtypes (CopyJob src != dst).
   virtual bool can_cast() const { return false; }
+  /// How Fill() moves bytes, for status and logs ("" when there is nothing to
+  /// say beyond the backend's name).
+  virtual std::string fill_method() const { return ""; }
+  /// One line of advice for the operator when this machine's settings make
+  /// loads much slower than they could be; "" when there is none.
+  virtual std::string fill_hint() const { return ""; }
   /// Wraps an arena that already exists outside this process (a sealed memfd
   /// kept by systemd's fd store or handed back by a client) as a sealed Arena
   /// of `size` bytes, after checking that `fd` is such an arena. Only the host

@@ -50,8 +50,11 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                                   "list each device once",
                                   config.device, other.spec, spec, slot.backend->device()));
     }
-    spdlog::info("device {}: serving from {} via the {} backend", spec, slot.backend->device(),
-                 slot.backend->name());
+    const std::string fill = slot.backend->fill_method();
+    spdlog::info("device {}: serving from {} via the {} backend{}", spec, slot.backend->device(),
+                 slot.backend->name(), fill.empty() ? "" : "; fill: " + fill);
+    if (const std::string hint = slot.backend->fill_hint(); !hint.empty())
+      spdlog::info("device {}: {}", spec, hint);
     if (cast && !slot.backend->can_cast())
       return Status(ErrorCode::kUnsupported,
                     fmt::format("dtype = \"{}\": the {} backend cannot convert dtypes",

@@ -587,6 +587,7 @@ json Dispatcher::StatusJson() const {
     out["devices"].push_back({{"device", d.backend->device()},
                               {"uuid", d.backend->device_uuid()},
                               {"backend", d.backend->name()},
+                              {"fill", d.backend->fill_method()},
                               {"requested", d.spec},
                               {"total_bytes", mem.total_bytes},
                               {"free_bytes", mem.free_bytes},

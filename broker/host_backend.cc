@@ -1,11 +1,15 @@
 // wbroker broker: host backend. Each arena is a memfd filled by several
-// threads with sendfile() (page cache -> shmem inside the kernel: one copy, no
-// page faults, no zeroing of pages that are about to be overwritten), then
-// sealed so that no process can change or resize it. Where sendfile into the
-// memfd is refused, threads pread() into a shared mapping instead. Jobs that
-// convert dtypes (--dtype) take a third path through a bounded per-thread
-// buffer: pread, convert (host_cast.h), pwrite into the memfd.
-// docs/benchmarks.md has the measurements behind this choice.
+// threads, then sealed so that no process can change or resize it. Two fill
+// methods (docs/operations.md, "Load speed", has the measurements):
+//  - where shmem huge pages serve madvise(MADV_HUGEPAGE) mappings, threads
+//    pread() into such a mapping of the memfd: one fault and one 2 MiB clear
+//    per 512 pages, which makes page allocation a small part of the load;
+//  - elsewhere (4 KiB shmem pages only) threads sendfile() into the memfd:
+//    page cache -> shmem inside the kernel, no page faults and no zeroing of
+//    pages that are about to be overwritten, the fastest way to fill 4 KiB
+//    pages.
+// Jobs that convert dtypes (--dtype) go through a bounded per-thread buffer:
+// pread, convert (host_cast.h), then pwrite (or store into the mapping).
 #include "host_backend.h"
 
 #include <fcntl.h>
@@ -150,8 +154,8 @@ Status SendfileFully(int out, int in, uint64_t length, uint64_t file_offset,
 /// A sealed-on-completion memfd.
 class HostArena final : public Arena {
  public:
-  HostArena(UniqueFd fd, uint64_t size, bool sealed = false)
-      : fd_(std::move(fd)), size_(size), sealed_(sealed) {}
+  HostArena(UniqueFd fd, uint64_t size, HostFillMethod fill, bool sealed = false)
+      : fd_(std::move(fd)), size_(size), fill_(fill), sealed_(sealed) {}
 
   uint64_t size() const override { return size_; }
 
@@ -191,17 +195,19 @@ class HostArena final : public Arena {
     // Each thread's cast buffers: no larger than the largest cast chunk needs.
     const uint64_t cast_step = std::min(kCastStepBytes, largest_cast);
     if (chunks.empty()) return Status::Ok();
-    // Each thread writes through its own open file description of the memfd
-    // (reopened via /proc), so their sendfile() offsets do not collide.
-    // Failure to reopen (no /proc) selects the mmap path instead.
+    // With sendfile, each thread writes through its own open file description
+    // of the memfd (reopened via /proc), so their file offsets do not collide.
+    // Failure to reopen (no /proc) selects the mapping path instead.
     const std::string self_path = "/proc/self/fd/" + std::to_string(fd_.get());
-    bool use_sendfile = UniqueFd(::open(self_path.c_str(), O_WRONLY | O_CLOEXEC)).valid();
+    const bool use_sendfile = fill_ == HostFillMethod::kSendfile &&
+                              UniqueFd(::open(self_path.c_str(), O_WRONLY | O_CLOEXEC)).valid();
     MappedRegion map;
     if (!use_sendfile) {
       WB_ASSIGN_OR_RETURN(map, MappedRegion::Map(fd_.get(), size_, PROT_READ | PROT_WRITE,
                                                  MAP_SHARED));
-      // Large pages cut the page-fault count 512x where shmem THP is enabled
-      // ("advise" or "always"); elsewhere this is a harmless no-op.
+      // Asks for huge folios on the faults the reads take: 512x fewer faults
+      // where shmem THP allows it for madvised mappings; a no-op elsewhere.
+      // The kernel already placed a shmem mapping on a 2 MiB boundary.
       ::madvise(map.data(), map.size(), MADV_HUGEPAGE);
     }
 
@@ -263,6 +269,7 @@ class HostArena final : public Arena {
  private:
   UniqueFd fd_;          ///< the memfd
   uint64_t size_ = 0;    ///< its length
+  HostFillMethod fill_;  ///< kSendfile or kMapping
   bool sealed_ = false;  ///< seals applied
 };
 
@@ -280,8 +287,32 @@ uint64_t MemInfoField(const std::string& key) {
 
 }  // namespace
 
-Result<std::unique_ptr<HostBackend>> HostBackend::Create() {
-  return std::unique_ptr<HostBackend>(new HostBackend());
+Result<std::unique_ptr<HostBackend>> HostBackend::Create(const HostBackendOptions& options) {
+  ShmemHugePages huge = ReadShmemHugePages(options.thp_dir);
+  HostFillMethod fill = options.fill;
+  if (fill == HostFillMethod::kAuto)
+    fill = huge.madvised_mappings_huge ? HostFillMethod::kMapping : HostFillMethod::kSendfile;
+  return std::unique_ptr<HostBackend>(new HostBackend(fill, std::move(huge)));
+}
+
+std::string HostBackend::fill_method() const {
+  const std::string setting =
+      huge_pages_.setting.empty() ? "shmem THP unknown" : "shmem_enabled=" + huge_pages_.setting;
+  if (fill_ == HostFillMethod::kSendfile)
+    return fmt::format("sendfile into 4 KiB pages ({})", setting);
+  return fmt::format("pread into a mapping, {} ({})",
+                     huge_pages_.madvised_mappings_huge ? "huge pages" : "4 KiB pages", setting);
+}
+
+std::string HostBackend::fill_hint() const {
+  if (huge_pages_.madvised_mappings_huge) return "";
+  return fmt::format(
+      "arenas get 4 KiB pages ({}), so allocating pages bounds load speed; with shmem huge "
+      "pages for madvised mappings loads run several times faster: echo advise > "
+      "/sys/kernel/mm/transparent_hugepage/shmem_enabled, or install systemd/"
+      "wbroker-shmem-thp.conf (docs/operations.md, \"Load speed\")",
+      huge_pages_.setting.empty() ? "no shmem THP settings in sysfs"
+                                  : "shmem_enabled=" + huge_pages_.setting);
 }
 
 Result<std::unique_ptr<Arena>> HostBackend::Allocate(uint64_t size, const std::string& label) {
@@ -294,7 +325,7 @@ Result<std::unique_ptr<Arena>> HostBackend::Allocate(uint64_t size, const std::s
     return ErrnoStatus(fmt::format("resize memfd to {}", FormatBytes(size)));
   // No fallocate(): it zeroes every page that the fill then overwrites, which
   // measured as 40% of the load time. The budget check runs before this.
-  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size));
+  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, fill_));
 }
 
 Result<std::unique_ptr<Arena>> HostBackend::AdoptArena(UniqueFd fd, uint64_t size) {
@@ -319,7 +350,7 @@ Result<std::unique_ptr<Arena>> HostBackend::AdoptArena(UniqueFd fd, uint64_t siz
     return Status(
         ErrorCode::kInvalidArgument,
         fmt::format("{} holds {} bytes, the snapshot's layout needs {}", what, st.st_size, size));
-  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, /*sealed=*/true));
+  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, fill_, /*sealed=*/true));
 }
 
 MemoryInfo HostBackend::Memory() const {

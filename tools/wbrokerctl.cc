@@ -51,6 +51,10 @@ std::string FormatStatus(const json& st) {
                    wbroker::FormatBytes(d.value("free_bytes", 0ull)),
                    wbroker::FormatBytes(d.value("model_bytes", 0ull)));
   }
+  for (const auto& d : st["devices"]) {
+    const std::string fill = d.value("fill", "");
+    if (!fill.empty()) fmt::format_to(to, "{:<10} fill: {}\n", d.value("device", ""), fill);
+  }
   fmt::format_to(to, "\n{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>8}\n", "MODEL", "REVISION",
                  "DEVICE", "SIZE", "TENSORS", "LEASES", "STATE", "LOAD");
   for (const auto& m : st["models"]) {
