@@ -20,7 +20,7 @@
 #   2. `systemd-analyze security --offline=true` on wbrokerd.service: prints the
 #      score and fails when it is above WBROKER_MAX_EXPOSURE.
 #   3. wbrokerd.socket has SocketMode=0660 and SocketGroup=wbroker.
-#   4. wbroker.sysusers.conf and wbroker.tmpfiles.conf are accepted by
+#   4. wbroker.sysusers.conf, wbroker.tmpfiles.conf and wbroker-shmem-thp.conf are accepted by
 #      systemd-sysusers / systemd-tmpfiles (applied to a scratch --root; needs root,
 #      skipped otherwise).
 #
@@ -199,6 +199,17 @@ else
     fi
   else
     failmsg "systemd-tmpfiles rejected wbroker.tmpfiles.conf or created the wrong paths: $out"
+  fi
+  # "w" only writes files that exist (without truncating them, as sysfs
+  # wants): give the scratch root an empty stand-in for the sysfs file.
+  thp=$root/sys/kernel/mm/transparent_hugepage/shmem_enabled
+  mkdir -p "$(dirname "$thp")"
+  : >"$thp"
+  if out=$(systemd-tmpfiles --root="$root" --create - <"$unitdir/wbroker-shmem-thp.conf" 2>&1) &&
+     [[ $(cat "$thp") == advise ]]; then
+    pass "wbroker-shmem-thp.conf writes advise to shmem_enabled"
+  else
+    failmsg "wbroker-shmem-thp.conf did not write advise to $thp: $out (file: $(cat "$thp"))"
   fi
 fi
 
