@@ -113,21 +113,43 @@ def render_machine(args):
 
 def render_load(args):
     r = json.loads(Path(args.inputs[0]).read_text())
+    configs = r["configs"]
     lines = [f"Measured {args.stamp}. Model: {r['tensors']} tensors, {r['file_bytes'] / GiB:.2f} GiB "
-             f"fp16 in the page cache; each figure is the median of {r['repeats']} run(s).", "",
-             f"| what ({r['file_bytes'] / GiB:.2f} GiB, page cache warm) | threads | seconds | GB/s |",
-             "| --- | --- | --- | --- |"]
-    best = max(r["load"], key=lambda row: row["load_gbps"])
+             f"fp16 in the page cache; each figure is the median of {r['repeats']} run(s).", ""]
+    if len(configs) > 1 or r.get("shmem_enabled_at_start") != configs[0]["shmem_enabled"]:
+        lines += [f"The kernel's shmem huge page setting was `{r.get('shmem_enabled_at_start') or 'absent'}`; "
+                  "the benchmark set `shmem_enabled` to each value below before each load "
+                  "(`--shmem-enabled`) and put it back at the end.", ""]
+    lines += [f"| what ({r['file_bytes'] / GiB:.2f} GiB, page cache warm) | threads | seconds | GB/s |",
+              "| --- | --- | --- | --- |"]
+    best = max(((row, load) for row in r["load"] for load in row["loads"]),
+               key=lambda rl: rl[1]["load_gbps"])[1]
     for row in r["load"]:
         t = row["threads"]
-        star = row is best
         lines += [f"| page-cache read, `pread` into one reused 16 MiB buffer | {t} | "
                   f"{row['page_cache_read_s']:.3f} | {row['page_cache_read_gbps']:.2f} |",
                   f"| read into fresh anonymous memory (what each process does when it loads its own "
-                  f"copy) | {t} | {row['fresh_memory_read_s']:.3f} | {row['fresh_memory_read_gbps']:.2f} |",
-                  f"| {'**broker load**' if star else 'broker load'} (memfd, `sendfile`, sealed) | {t} | "
-                  f"{row['load_s']:.3f} | " + (f"**{row['load_gbps']:.2f}**" if star else
-                                                f"{row['load_gbps']:.2f}") + " |"]
+                  f"copy) | {t} | {row['fresh_memory_read_s']:.3f} | {row['fresh_memory_read_gbps']:.2f} |"]
+        for load in row["loads"]:
+            star = load is best
+            what = f"broker load: {configs[load['config']]['fill']}, sealed memfd"
+            lines.append(f"| {'**' + what + '**' if star else what} | {t} | {load['load_s']:.3f} | "
+                         + (f"**{load['load_gbps']:.2f}**" if star else f"{load['load_gbps']:.2f}") + " |")
+    lines.append("")
+    lines += ["Before each load above the benchmark touches and frees as much anonymous memory as the "
+              "arena needs (untimed), so that the load gets memory the hypervisor already backs."]
+    cold = [c for c in configs if "cold_load_gbps" in c]
+    if cold:
+        lines[-1] += (f" Cold loads, into memory left untouched for 4 s after the previous arena was freed "
+                      f"(median of {r['cold_repeats']}, at each setting's best thread count): "
+                      + "; ".join(f"{c['fill']}: {c['cold_load_gbps']:.2f} GB/s "
+                                  f"({c['best_load_threads']} thread{'s' if c['best_load_threads'] != 1 else ''})" for c in cold) + ".")
+        if r.get("free_page_reporting"):
+            lines[-1] += (" This VM gives freed memory back to its hypervisor (virtio-balloon free page "
+                          "reporting, in blocks of 2 MiB and more), so a cold load pays a host fault on its "
+                          "first touch of each page. Where freed memory stays with the kernel (bare metal, VMs "
+                          "without free page reporting) there is nothing to fault in again, and a cold load "
+                          "should run like a warm one.")
     lines.append("")
     a = r.get("attach")
     if a:
@@ -139,11 +161,13 @@ def render_load(args):
     if a:
         lines.append(f"- Attach < 1 ms: {verdict(a['attach_ms_median'] < 1)} "
                      f"(median {fmt_ms(a['attach_ms_median'])}).")
-    lines.append(f"- Load >= 80% of the page-cache read rate: {verdict(r['load_vs_read'] >= 0.8)} "
-                 f"({100 * r['load_vs_read']:.0f}%: best load {r['best_load_gbps']:.2f} GB/s, best "
-                 f"page-cache read {r['best_page_cache_read_gbps']:.2f} GB/s). Against reading into fresh "
-                 f"memory ({r['best_fresh_memory_read_gbps']:.2f} GB/s, what every process pays for its "
-                 f"own copy) the load runs at {100 * r['load_vs_fresh_read']:.0f}%.")
+    lines.append(f"- Load >= 80% of the page-cache read rate (best page-cache read "
+                 f"{r['best_page_cache_read_gbps']:.2f} GB/s; reading into fresh memory, what every process "
+                 f"pays for its own copy, {r['best_fresh_memory_read_gbps']:.2f} GB/s):")
+    for c in configs:
+        lines.append(f"  - {c['fill']}: {verdict(c['load_vs_read'] >= 0.8)}, {100 * c['load_vs_read']:.0f}% "
+                     f"(best load {c['best_load_gbps']:.2f} GB/s; {100 * c['load_vs_fresh_read']:.0f}% of "
+                     f"reading into fresh memory).")
     return wrap("load", lines)
 
 

@@ -2,12 +2,17 @@
 // same files, and attach latency through a real wbrokerd.
 //
 //   wbroker-bench-load --cache DIR --model BIG [--attach-model M300 --wbrokerd PATH]
+//                      [--shmem-enabled never,advise]
 //
 // Prints a table and, with --json FILE, writes every number for docs/benchmarks.md.
+// --shmem-enabled measures the load under each listed kernel setting for shmem
+// huge pages (it writes /sys/kernel/mm/transparent_hugepage/shmem_enabled, so
+// it needs root, and puts the old value back at the end); without it the load
+// runs under the machine's current setting.
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -16,14 +21,19 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <thread>
 #include <vector>
 
 #include "backend.h"
 #include "bench_util.h"
+#include "host_backend.h"
 #include "model_loader.h"
+#include "shmem_huge_pages.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/model_files.h"
@@ -37,9 +47,56 @@ using wbroker::bench::Median;
 using wbroker::bench::Percentile;
 using wbroker::bench::Seconds;
 
+constexpr const char* kShmemEnabled = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The shmem_enabled value to put back before exiting; "" when unchanged.
+std::string g_restore_shmem;
+
+/// Writes `value` to shmem_enabled; false (with errno's text in *why) when
+/// the kernel refuses it or the file cannot be written.
+bool WriteShmemEnabled(const std::string& value, std::string* why) {
+  {
+    std::ofstream out(kShmemEnabled);
+    out << value << "\n";
+    out.flush();
+    if (!out) {
+      *why = std::strerror(errno);
+      return false;
+    }
+  }
+  const std::string now = wbroker::broker::ReadShmemHugePages().setting;
+  if (now != value) *why = "it reads back as \"" + now + "\"";
+  return now == value;
+}
+
+void RestoreShmem() {
+  std::string why;
+  if (!g_restore_shmem.empty() && !WriteShmemEnabled(g_restore_shmem, &why))
+    std::fprintf(stderr, "wbroker-bench-load: could not restore %s to %s: %s\n", kShmemEnabled,
+                 g_restore_shmem.c_str(), why.c_str());
+  g_restore_shmem.clear();
+}
+
 [[noreturn]] void Die(const std::string& msg) {
   std::fprintf(stderr, "wbroker-bench-load: %s\n", msg.c_str());
+  RestoreShmem();
   std::exit(1);
+}
+
+/// One kernel setting the load is measured under, with the host backend that
+/// setting selects (its fill method follows sysfs at creation).
+struct LoadConfig {
+  std::string shmem_enabled;  ///< written before each load; "" = the machine's as it is
+  std::unique_ptr<wbroker::broker::HostBackend> backend;
+  std::vector<double> seconds;  ///< one per repeat, for the current thread count
+};
+
+/// Puts `c`'s kernel setting in place (a no-op for the machine's own).
+void Apply(const LoadConfig& c) {
+  std::string why;
+  if (!c.shmem_enabled.empty() && !WriteShmemEnabled(c.shmem_enabled, &why))
+    Die(fmt::format("cannot set {} to {}: {} (--shmem-enabled needs root and a writable sysfs)",
+                    kShmemEnabled, c.shmem_enabled, why));
 }
 
 // Reads every byte of `files` with `threads` threads into per-thread reused
@@ -94,6 +151,33 @@ double PageCacheRead(const std::vector<std::filesystem::path>& files, unsigned t
   return Seconds(t0, Clock::now());
 }
 
+// Touches, then frees, `bytes` of anonymous memory (in huge pages when `huge`)
+// so that the load right after it gets memory the hypervisor already backs.
+// On a VM with free page reporting (virtio-balloon), memory freed in blocks of
+// 2 MiB and more goes back to the host within seconds, and the first touch of
+// such memory costs a host fault: a "cold" load measures that, not the load.
+void WarmGuestMemory(uint64_t bytes, bool huge) {
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) Die("mmap for warming guest memory");
+  if (huge) ::madvise(p, bytes, MADV_HUGEPAGE);
+  auto* c = static_cast<volatile char*>(p);
+  for (uint64_t i = 0; i < bytes; i += 4096) c[i] = 1;
+  ::munmap(p, bytes);
+}
+
+// True when the kernel runs under a hypervisor that takes freed memory back
+// (virtio-balloon's free page reporting, feature bit 5).
+bool FreePageReporting() {
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it("/sys/bus/virtio/drivers/virtio_balloon", ec), end;
+       !ec && it != end; it.increment(ec)) {
+    std::ifstream in(it->path() / "features");
+    std::string bits;
+    if (in >> bits && bits.size() > 5 && bits[5] == '1') return true;
+  }
+  return false;
+}
+
 // Starts wbrokerd and returns its pid once the socket answers.
 pid_t StartBroker(const std::string& exe, const std::string& socket, const std::string& cache,
                   const std::string& preload) {
@@ -117,7 +201,9 @@ pid_t StartBroker(const std::string& exe, const std::string& socket, const std::
 int main(int argc, char** argv) {
   CLI::App app{"wbroker load and attach benchmark"};
   std::string cache, model, attach_model, wbrokerd, json_out;
+  int cold_repeats = 3;
   std::vector<unsigned> thread_counts = {1, 2, 4};
+  std::vector<std::string> shmem_settings;
   int repeats = 3, attaches = 500;
   app.add_option("--cache", cache, "HF hub cache")->required();
   app.add_option("--model", model, "large model for load throughput (>= 1 GiB)")->required();
@@ -127,6 +213,13 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "runs per configuration (median reported)");
   app.add_option("--attaches", attaches, "attach/release round trips");
   app.add_option("--json", json_out, "write results here");
+  app.add_option("--cold-repeats", cold_repeats,
+                 "loads per setting into memory left idle for 4 s (0: none)");
+  app.add_option("--shmem-enabled", shmem_settings,
+                 "measure the load under each of these shmem_enabled settings (root; the old "
+                 "value is put back)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"never", "advise", "within_size", "always"}));
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::warn);
 
@@ -149,35 +242,109 @@ int main(int argc, char** argv) {
   fmt::print("model {}: {} tensors, {:.2f} GiB in {} file(s), page cache warm\n\n", model,
              weights->tensor_count, file_bytes / double(1 << 30), files.size());
 
-  auto backend = wbroker::broker::CreateBackend("cpu");
-  if (!backend.ok()) Die(backend.status().message());
-  fmt::print("{:<34} {:>8} {:>10} {:>10}\n", "what", "threads", "seconds", "GB/s");
+  std::vector<LoadConfig> configs;
+  const std::string original = wbroker::broker::ReadShmemHugePages().setting;
+  if (shmem_settings.empty()) shmem_settings.push_back("");
+  for (const auto& setting : shmem_settings) {
+    if (!setting.empty() && original.empty())
+      Die(fmt::format("--shmem-enabled: {} is missing (a kernel without shmem THP?)",
+                      kShmemEnabled));
+    if (!setting.empty() && g_restore_shmem.empty()) g_restore_shmem = original;
+    LoadConfig c{setting, nullptr, {}};
+    Apply(c);
+    auto backend = wbroker::broker::HostBackend::Create();
+    if (!backend.ok()) Die(backend.status().message());
+    c.backend = std::move(backend).value();
+    configs.push_back(std::move(c));
+  }
+  json config_rows = json::array();
+  for (const auto& c : configs)
+    config_rows.push_back({{"shmem_enabled", c.backend->huge_pages().setting},
+                           {"fill", c.backend->fill_method()},
+                           {"huge_pages", c.backend->huge_pages().madvised_mappings_huge}});
+  out["configs"] = config_rows;
+  out["shmem_enabled_at_start"] = original;
+
+  fmt::print("{:<60} {:>8} {:>10} {:>10}\n", "what", "threads", "seconds", "GB/s");
   double best_read = 0, best_load = 0, best_fresh = 0;
+  std::vector<double> best_config_load(configs.size(), 0);
+  std::vector<unsigned> best_config_threads(configs.size(), 1);
   json rows = json::array();
   for (unsigned t : thread_counts) {
-    std::vector<double> rs, fs, ls;
+    std::vector<double> rs, fs;
+    for (auto& c : configs) c.seconds.clear();
     for (int r = 0; r < repeats; ++r) {
       uint64_t b = 0;
       rs.push_back(PageCacheRead(files, t, &b));
       fs.push_back(PageCacheRead(files, t, &b, /*fresh_memory=*/true));
-      wbroker::broker::LoaderOptions opts;
-      opts.threads = t;
-      auto loaded = wbroker::broker::LoadModel(*resolved, **backend, opts);
-      if (!loaded.ok()) Die(loaded.status().message());
-      ls.push_back(loaded->seconds);
+      for (auto& c : configs) {
+        Apply(c);
+        WarmGuestMemory(weights->tensor_bytes, c.backend->huge_pages().madvised_mappings_huge);
+        wbroker::broker::LoaderOptions opts;
+        opts.threads = t;
+        auto loaded = wbroker::broker::LoadModel(*resolved, *c.backend, opts);
+        if (!loaded.ok()) Die(loaded.status().message());
+        c.seconds.push_back(loaded->seconds);
+      }
     }
-    double rsec = Median(rs), fsec = Median(fs), lsec = Median(ls);
-    double rgbs = file_bytes / rsec / 1e9, fgbs = file_bytes / fsec / 1e9,
-           lgbs = weights->tensor_bytes / lsec / 1e9;
+    double rsec = Median(rs), fsec = Median(fs);
+    double rgbs = file_bytes / rsec / 1e9, fgbs = file_bytes / fsec / 1e9;
     best_read = std::max(best_read, rgbs);
-    best_load = std::max(best_load, lgbs);
-    fmt::print("{:<34} {:>8} {:>10.3f} {:>10.2f}\n", "page-cache read (pread, reused buf)", t, rsec, rgbs);
-    fmt::print("{:<34} {:>8} {:>10.3f} {:>10.2f}\n", "read into fresh memory (own copy)", t, fsec, fgbs);
-    fmt::print("{:<34} {:>8} {:>10.3f} {:>10.2f}\n", "broker load (memfd, sealed)", t, lsec, lgbs);
     best_fresh = std::max(best_fresh, fgbs);
-    rows.push_back({{"threads", t}, {"page_cache_read_s", rsec}, {"page_cache_read_gbps", rgbs},
-                    {"fresh_memory_read_s", fsec}, {"fresh_memory_read_gbps", fgbs},
-                    {"load_s", lsec}, {"load_gbps", lgbs}});
+    fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n", "page-cache read (pread, reused buf)", t, rsec,
+               rgbs);
+    fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n", "read into fresh memory (own copy)", t, fsec,
+               fgbs);
+    json loads = json::array();
+    double row_best_s = 0, row_best_gbps = 0;
+    for (size_t i = 0; i < configs.size(); ++i) {
+      const double lsec = Median(configs[i].seconds);
+      const double lgbs = weights->tensor_bytes / lsec / 1e9;
+      if (lgbs > best_config_load[i]) best_config_load[i] = lgbs, best_config_threads[i] = t;
+      best_load = std::max(best_load, lgbs);
+      if (lgbs > row_best_gbps) row_best_s = lsec, row_best_gbps = lgbs;
+      fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n",
+                 "broker load: " + configs[i].backend->fill_method(), t, lsec, lgbs);
+      loads.push_back({{"config", i}, {"load_s", lsec}, {"load_gbps", lgbs}});
+    }
+    rows.push_back({{"threads", t},
+                    {"page_cache_read_s", rsec},
+                    {"page_cache_read_gbps", rgbs},
+                    {"fresh_memory_read_s", fsec},
+                    {"fresh_memory_read_gbps", fgbs},
+                    {"loads", loads},
+                    {"load_s", row_best_s},
+                    {"load_gbps", row_best_gbps}});
+  }
+  // Cold loads: the previous arena was freed 4 s ago and nothing touched
+  // memory since, so on a VM with free page reporting the host has taken the
+  // pages back. On bare metal these match the warm figures.
+  std::vector<double> cold_gbps(configs.size(), 0);
+  for (size_t i = 0; i < configs.size() && cold_repeats > 0; ++i) {
+    std::vector<double> secs;
+    for (int r = 0; r < cold_repeats; ++r) {
+      Apply(configs[i]);
+      std::this_thread::sleep_for(std::chrono::seconds(4));
+      wbroker::broker::LoaderOptions opts;
+      opts.threads = best_config_threads[i];
+      auto loaded = wbroker::broker::LoadModel(*resolved, *configs[i].backend, opts);
+      if (!loaded.ok()) Die(loaded.status().message());
+      secs.push_back(loaded->seconds);
+    }
+    cold_gbps[i] = weights->tensor_bytes / Median(secs) / 1e9;
+    fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n",
+               "cold broker load: " + configs[i].backend->fill_method(), best_config_threads[i],
+               Median(secs), cold_gbps[i]);
+  }
+  out["free_page_reporting"] = FreePageReporting();
+  out["cold_repeats"] = cold_repeats;
+  RestoreShmem();
+  for (size_t i = 0; i < configs.size(); ++i) {
+    out["configs"][i]["best_load_threads"] = best_config_threads[i];
+    if (cold_repeats > 0) out["configs"][i]["cold_load_gbps"] = cold_gbps[i];
+    out["configs"][i]["best_load_gbps"] = best_config_load[i];
+    out["configs"][i]["load_vs_read"] = best_config_load[i] / best_read;
+    out["configs"][i]["load_vs_fresh_read"] = best_config_load[i] / best_fresh;
   }
   out["load"] = rows;
   out["repeats"] = repeats;
@@ -186,10 +353,14 @@ int main(int argc, char** argv) {
   out["best_fresh_memory_read_gbps"] = best_fresh;
   out["load_vs_read"] = best_load / best_read;
   out["load_vs_fresh_read"] = best_load / best_fresh;
-  fmt::print("\nbest load {:.2f} GB/s = {:.0f}% of the best page-cache read rate {:.2f} GB/s, "
-             "{:.0f}% of reading into fresh memory {:.2f} GB/s\n",
-             best_load, 100 * best_load / best_read, best_read, 100 * best_load / best_fresh,
-             best_fresh);
+  fmt::print("\n");
+  for (size_t i = 0; i < configs.size(); ++i)
+    fmt::print(
+        "{}: best load {:.2f} GB/s = {:.0f}% of the best page-cache read rate {:.2f} GB/s, "
+        "{:.0f}% of reading into fresh memory {:.2f} GB/s\n",
+        configs[i].backend->fill_method(), best_config_load[i],
+        100 * best_config_load[i] / best_read, best_read, 100 * best_config_load[i] / best_fresh,
+        best_fresh);
 
   if (!attach_model.empty() && !wbrokerd.empty()) {
     std::string sock = fmt::format("/tmp/wbroker-bench-{}.sock", ::getpid());

@@ -4,16 +4,20 @@
 # runs wbroker-bench-load against them. Results: bench/out/load.json (or
 # --json FILE). --quick: a 128 MiB model, 1 and 2 threads, one run each and
 # 100 attaches (bench/run-all --quick; a smoke test, not the documented numbers).
-#   bench/run_load_bench.sh [--quick] [--json FILE] [BUILD_DIR]
+# --shmem-enabled LIST (e.g. never,advise): measure the load under each kernel
+# setting for shmem huge pages (needs root; the old value is put back).
+#   bench/run_load_bench.sh [--quick] [--json FILE] [--shmem-enabled LIST] [BUILD_DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=$root/build
 json=$root/bench/out/load.json
 quick=0
+shmem=()
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1 ;;
     --json) json=$2; shift ;;
+    --shmem-enabled) shmem=(--shmem-enabled "$2"); shift ;;
     -*) echo "run_load_bench: unknown option $1" >&2; exit 2 ;;
     *) build=$1 ;;
   esac
@@ -41,5 +45,5 @@ thread_args=()
 for t in "${threads[@]}"; do thread_args+=(--threads "$t"); done
 "$build/bench/wbroker-bench-load" --cache "$scratch/hub" --model bench/big \
   --attach-model bench/t300 --wbrokerd "$build/broker/wbrokerd" \
-  "${thread_args[@]}" --repeats "$repeats" --attaches "$attaches" --json "$json"
+  "${thread_args[@]}" "${shmem[@]}" --repeats "$repeats" --attaches "$attaches" --json "$json"
 echo "wrote $json"
