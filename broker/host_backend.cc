@@ -1,7 +1,10 @@
 // wbroker broker: host backend. Each arena is a memfd filled by several
-// threads, then sealed so that no process can change or resize it. Two fill
+// threads, then sealed so that no process can change or resize it. Three fill
 // methods (docs/operations.md, "Load speed", has the measurements):
-//  - where shmem huge pages serve madvise(MADV_HUGEPAGE) mappings, threads
+//  - where writes to shmem get huge pages (within_size, always), threads
+//    pread() 2 MiB into a buffer and pwrite() it: a write that covers a whole
+//    huge page skips clearing it;
+//  - where only madvise(MADV_HUGEPAGE) mappings get them (advise), threads
 //    pread() into such a mapping of the memfd: one fault and one 2 MiB clear
 //    per 512 pages, which makes page allocation a small part of the load;
 //  - elsewhere (4 KiB shmem pages only) threads sendfile() into the memfd:
@@ -13,8 +16,8 @@
 #include "host_backend.h"
 
 #include <fcntl.h>
-#include <sys/sendfile.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -44,6 +47,10 @@ constexpr int kArenaSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_
 /// buffers (this much in, up to twice as much out).
 constexpr uint64_t kCastStepBytes = 8ull << 20;
 
+/// Bytes per pread/pwrite step of kBufferedWrite: one huge page, so the
+/// buffer stays in the CPU cache between the read and the write.
+constexpr uint64_t kCopyStepBytes = 2ull << 20;
+
 /// One piece of a CopyJob handed to a reader thread.
 struct Chunk {
   int fd;                 ///< source file (borrowed)
@@ -55,7 +62,9 @@ struct Chunk {
 };
 
 /// Bytes per element of a castable dtype (2 or 4).
-uint64_t ElementBytes(DType t) { return DTypeBits(t) / 8; }
+uint64_t ElementBytes(DType t) {
+  return DTypeBits(t) / 8;
+}
 
 /// The path behind an fd, for error messages ("fd N" when /proc cannot tell).
 std::string FdPath(int fd) {
@@ -128,11 +137,24 @@ Status CastChunk(const Chunk& c, int memfd, std::byte* mapped, uint64_t step_byt
   return Status::Ok();
 }
 
+// Copies chunk `c` into `memfd` through `buffer` (kCopyStepBytes): pread,
+// then pwrite. Writes that cover whole huge pages skip clearing them first.
+Status CopyThroughBuffer(const Chunk& c, int memfd, std::byte* buffer) {
+  for (uint64_t done = 0; done < c.length;) {
+    const uint64_t n = std::min(kCopyStepBytes, c.length - done);
+    WB_RETURN_IF_ERROR(PreadFully(c.fd, buffer, n, c.file_offset + done));
+    WB_RETURN_IF_ERROR(PwriteFully(memfd, buffer, n, c.arena_offset + done));
+    done += n;
+  }
+  return Status::Ok();
+}
+
 // Copies with sendfile() through `out`, a private file description of the
 // memfd whose offset this thread alone moves.
 Status SendfileFully(int out, int in, uint64_t length, uint64_t file_offset,
                      uint64_t arena_offset) {
-  if (::lseek(out, static_cast<off_t>(arena_offset), SEEK_SET) < 0) return ErrnoStatus("lseek memfd");
+  if (::lseek(out, static_cast<off_t>(arena_offset), SEEK_SET) < 0)
+    return ErrnoStatus("lseek memfd");
   off_t in_off = static_cast<off_t>(file_offset);
   while (length > 0) {
     ssize_t n = ::sendfile(out, in, &in_off, length);
@@ -201,10 +223,11 @@ class HostArena final : public Arena {
     const std::string self_path = "/proc/self/fd/" + std::to_string(fd_.get());
     const bool use_sendfile = fill_ == HostFillMethod::kSendfile &&
                               UniqueFd(::open(self_path.c_str(), O_WRONLY | O_CLOEXEC)).valid();
+    const bool use_buffer = fill_ == HostFillMethod::kBufferedWrite;
     MappedRegion map;
-    if (!use_sendfile) {
-      WB_ASSIGN_OR_RETURN(map, MappedRegion::Map(fd_.get(), size_, PROT_READ | PROT_WRITE,
-                                                 MAP_SHARED));
+    if (!use_sendfile && !use_buffer) {
+      WB_ASSIGN_OR_RETURN(map,
+                          MappedRegion::Map(fd_.get(), size_, PROT_READ | PROT_WRITE, MAP_SHARED));
       // Asks for huge folios on the faults the reads take: 512x fewer faults
       // where shmem THP allows it for madvised mappings; a no-op elsewhere.
       // The kernel already placed a shmem mapping on a 2 MiB boundary.
@@ -221,6 +244,7 @@ class HostArena final : public Arena {
     };
     auto worker = [&] {
       CastBuffers cast_buffers;
+      std::unique_ptr<std::byte[]> copy_buffer;
       UniqueFd out;
       if (use_sendfile) {
         out.reset(::open(self_path.c_str(), O_WRONLY | O_CLOEXEC));
@@ -232,14 +256,21 @@ class HostArena final : public Arena {
         const Chunk& c = chunks[i];
         if (c.src_dtype != c.dst_dtype) {
           // pwrite() takes its own offset, so the shared memfd fd serves every thread.
-          Status s = CastChunk(c, fd_.get(), use_sendfile ? nullptr : map.bytes(), cast_step,
+          Status s = CastChunk(c, fd_.get(), map.valid() ? map.bytes() : nullptr, cast_step,
                                cast_buffers, options.on_progress);
           if (!s.ok()) return fail(s);
           continue;
         }
-        Status s = use_sendfile
-                       ? SendfileFully(out.get(), c.fd, c.length, c.file_offset, c.arena_offset)
-                       : PreadFully(c.fd, map.bytes() + c.arena_offset, c.length, c.file_offset);
+        Status s;
+        if (use_sendfile) {
+          s = SendfileFully(out.get(), c.fd, c.length, c.file_offset, c.arena_offset);
+        } else if (use_buffer) {
+          if (!copy_buffer)
+            copy_buffer = std::make_unique_for_overwrite<std::byte[]>(kCopyStepBytes);
+          s = CopyThroughBuffer(c, fd_.get(), copy_buffer.get());
+        } else {
+          s = PreadFully(c.fd, map.bytes() + c.arena_offset, c.length, c.file_offset);
+        }
         if (!s.ok()) return fail(s);
         if (options.on_progress) options.on_progress(c.length);
       }
@@ -269,7 +300,7 @@ class HostArena final : public Arena {
  private:
   UniqueFd fd_;          ///< the memfd
   uint64_t size_ = 0;    ///< its length
-  HostFillMethod fill_;  ///< kSendfile or kMapping
+  HostFillMethod fill_;  ///< kSendfile, kMapping or kBufferedWrite
   bool sealed_ = false;  ///< seals applied
 };
 
@@ -288,31 +319,48 @@ uint64_t MemInfoField(const std::string& key) {
 }  // namespace
 
 Result<std::unique_ptr<HostBackend>> HostBackend::Create(const HostBackendOptions& options) {
-  ShmemHugePages huge = ReadShmemHugePages(options.thp_dir);
-  HostFillMethod fill = options.fill;
-  if (fill == HostFillMethod::kAuto)
-    fill = huge.madvised_mappings_huge ? HostFillMethod::kMapping : HostFillMethod::kSendfile;
-  return std::unique_ptr<HostBackend>(new HostBackend(fill, std::move(huge)));
+  return std::unique_ptr<HostBackend>(new HostBackend(options));
+}
+
+ShmemHugePages HostBackend::huge_pages() const {
+  return ReadShmemHugePages(options_.thp_dir);
+}
+
+HostFillMethod HostBackend::Resolve(const ShmemHugePages& huge) const {
+  if (options_.fill != HostFillMethod::kAuto) return options_.fill;
+  if (huge.writes_huge) return HostFillMethod::kBufferedWrite;
+  return huge.madvised_mappings_huge ? HostFillMethod::kMapping : HostFillMethod::kSendfile;
+}
+
+HostFillMethod HostBackend::fill() const {
+  return Resolve(huge_pages());
 }
 
 std::string HostBackend::fill_method() const {
+  const ShmemHugePages huge = huge_pages();
   const std::string setting =
-      huge_pages_.setting.empty() ? "shmem THP unknown" : "shmem_enabled=" + huge_pages_.setting;
-  if (fill_ == HostFillMethod::kSendfile)
-    return fmt::format("sendfile into 4 KiB pages ({})", setting);
-  return fmt::format("pread into a mapping, {} ({})",
-                     huge_pages_.madvised_mappings_huge ? "huge pages" : "4 KiB pages", setting);
+      huge.setting.empty() ? "shmem THP unknown" : "shmem_enabled=" + huge.setting;
+  switch (Resolve(huge)) {
+    case HostFillMethod::kSendfile:
+      return fmt::format("sendfile into 4 KiB pages ({})", setting);
+    case HostFillMethod::kBufferedWrite:
+      return fmt::format("pread + pwrite through a 2 MiB buffer, {} ({})",
+                         huge.writes_huge ? "huge pages" : "4 KiB pages", setting);
+    default:
+      return fmt::format("pread into a mapping, {} ({})",
+                         huge.madvised_mappings_huge ? "huge pages" : "4 KiB pages", setting);
+  }
 }
 
 std::string HostBackend::fill_hint() const {
-  if (huge_pages_.madvised_mappings_huge) return "";
+  const ShmemHugePages huge = huge_pages();
+  if (huge.madvised_mappings_huge) return "";
   return fmt::format(
       "arenas get 4 KiB pages ({}), so allocating pages bounds load speed; with shmem huge "
       "pages for madvised mappings loads run several times faster: echo advise > "
       "/sys/kernel/mm/transparent_hugepage/shmem_enabled, or install systemd/"
       "wbroker-shmem-thp.conf (docs/operations.md, \"Load speed\")",
-      huge_pages_.setting.empty() ? "no shmem THP settings in sysfs"
-                                  : "shmem_enabled=" + huge_pages_.setting);
+      huge.setting.empty() ? "no shmem THP settings in sysfs" : "shmem_enabled=" + huge.setting);
 }
 
 Result<std::unique_ptr<Arena>> HostBackend::Allocate(uint64_t size, const std::string& label) {
@@ -325,7 +373,8 @@ Result<std::unique_ptr<Arena>> HostBackend::Allocate(uint64_t size, const std::s
     return ErrnoStatus(fmt::format("resize memfd to {}", FormatBytes(size)));
   // No fallocate(): it zeroes every page that the fill then overwrites, which
   // measured as 40% of the load time. The budget check runs before this.
-  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, fill_));
+  // Decided per arena from sysfs as it is now (a few small reads per load).
+  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, fill()));
 }
 
 Result<std::unique_ptr<Arena>> HostBackend::AdoptArena(UniqueFd fd, uint64_t size) {
@@ -350,7 +399,8 @@ Result<std::unique_ptr<Arena>> HostBackend::AdoptArena(UniqueFd fd, uint64_t siz
     return Status(
         ErrorCode::kInvalidArgument,
         fmt::format("{} holds {} bytes, the snapshot's layout needs {}", what, st.st_size, size));
-  return std::unique_ptr<Arena>(new HostArena(std::move(fd), size, fill_, /*sealed=*/true));
+  return std::unique_ptr<Arena>(
+      new HostArena(std::move(fd), size, HostFillMethod::kSendfile, /*sealed=*/true));
 }
 
 MemoryInfo HostBackend::Memory() const {

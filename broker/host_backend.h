@@ -12,9 +12,10 @@ namespace wbroker::broker {
 
 /// How a host arena is filled from the page cache.
 enum class HostFillMethod {
-  kAuto,      ///< kMapping where shmem huge pages serve madvised mappings, else kSendfile
-  kSendfile,  ///< sendfile() into the memfd: in-kernel copy, no faults, no zeroing; 4 KiB pages
-  kMapping,   ///< pread() into an madvise(MADV_HUGEPAGE) shared mapping of the memfd
+  kAuto,           ///< from shmem_enabled: kBufferedWrite, kMapping or kSendfile
+  kSendfile,       ///< sendfile() into the memfd: in-kernel copy, no faults, no zeroing
+  kMapping,        ///< pread() into an madvise(MADV_HUGEPAGE) shared mapping of the memfd
+  kBufferedWrite,  ///< pread() into a 2 MiB buffer, pwrite() into the memfd
 };
 
 /// What HostBackend::Create needs; the defaults are what wbrokerd uses.
@@ -37,22 +38,26 @@ class HostBackend final : public Backend {
   /// Adopts a memfd only when it is one, carries all four arena seals and is
   /// exactly `size` bytes long.
   Result<std::unique_ptr<Arena>> AdoptArena(UniqueFd fd, uint64_t size) override;
-  /// E.g. "pread into 2 MiB pages (shmem_enabled=advise)".
+  /// How the next arena will be filled, e.g. "pread into a mapping, huge
+  /// pages (shmem_enabled=advise)".
   std::string fill_method() const override;
-  /// How Fill() copies: never kAuto (Create resolved it).
-  HostFillMethod fill() const { return fill_; }
-  /// The shmem THP settings read at Create.
-  const ShmemHugePages& huge_pages() const { return huge_pages_; }
+  /// How the next arena will be filled: never kAuto. An explicit method in
+  /// the options stands; kAuto follows sysfs as it is now, so a change of
+  /// shmem_enabled takes effect at the next load without a restart.
+  HostFillMethod fill() const;
+  /// The shmem THP settings as sysfs has them now.
+  ShmemHugePages huge_pages() const;
   /// When arenas get 4 KiB pages only: what it costs and how to turn shmem
   /// huge pages on. "" when they are on.
   std::string fill_hint() const override;
 
  private:
-  HostBackend(HostFillMethod fill, ShmemHugePages huge_pages)
-      : fill_(fill), huge_pages_(std::move(huge_pages)) {}
+  explicit HostBackend(HostBackendOptions options) : options_(std::move(options)) {}
 
-  HostFillMethod fill_;        ///< resolved fill method
-  ShmemHugePages huge_pages_;  ///< what sysfs said at Create
+  /// The method for `huge` (the settings as read now).
+  HostFillMethod Resolve(const ShmemHugePages& huge) const;
+
+  HostBackendOptions options_;  ///< fill method (or kAuto) and where sysfs is
 };
 
 }  // namespace wbroker::broker

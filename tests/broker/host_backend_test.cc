@@ -1,6 +1,7 @@
-// wbroker tests: the host backend's two fill methods (sendfile into 4 KiB
-// pages, pread into a huge-page mapping) give the same sealed arena, and the
-// method follows the kernel's shmem huge page settings (a fake sysfs tree).
+// wbroker tests: the host backend's three fill methods (sendfile, pread into
+// a huge-page mapping, pread + pwrite through a buffer) give the same sealed
+// arena, and the method follows the kernel's shmem huge page settings (a fake
+// sysfs tree).
 #include "host_backend.h"
 
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <cstring>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -138,6 +140,29 @@ TEST(HostBackendTest, AutoPicksTheMappingWhereMadvisedShmemGetsHugePages) {
                         "shmem_enabled"));
 }
 
+TEST(HostBackendTest, AutoWritesThroughABufferWhereWritesGetHugePages) {
+  TempDir within;
+  WriteThp(within, "always [within_size] advise never deny force");
+  auto b = HostBackend::Create({HostFillMethod::kAuto, within.path()});
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ((*b)->fill(), HostFillMethod::kBufferedWrite);
+  EXPECT_THAT((*b)->fill_method(),
+              HasSubstr("2 MiB buffer, huge pages (shmem_enabled=within_size)"));
+}
+
+TEST(HostBackendTest, AutoFollowsASettingChangedAfterStart) {
+  TempDir thp;
+  WriteThp(thp, "always within_size advise [never] deny force");
+  auto b = HostBackend::Create({HostFillMethod::kAuto, thp.path()});
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ((*b)->fill(), HostFillMethod::kSendfile);
+  // What an operator's "echo advise > .../shmem_enabled" does: the next load
+  // uses huge pages, no broker restart needed.
+  WriteThp(thp, "always within_size [advise] never deny force");
+  EXPECT_EQ((*b)->fill(), HostFillMethod::kMapping);
+  EXPECT_EQ((*b)->fill_hint(), "");
+}
+
 TEST(HostBackendTest, AnExplicitMethodWinsOverSysfs) {
   TempDir off;
   WriteThp(off, "always within_size advise [never] deny force");
@@ -194,25 +219,29 @@ TEST_P(HostFillTest, ManyThreadsAndChunksGiveByteExactSealedArena) {
       {fb.get(), 0, (5 << 20) + 512, b.size(), DType::kU8, DType::kU8},
   };
   const uint64_t size = (5 << 20) + 512 + b.size();
-  auto arena = backend_->Allocate(size, "fill-test");
-  ASSERT_TRUE(arena.ok()) << arena.status().ToString();
-  std::atomic<uint64_t> progress{0};
-  FillOptions opts;
-  opts.threads = 4;
-  opts.chunk_bytes = 1 << 20;
-  opts.on_progress = [&](uint64_t n) { progress += n; };
-  Status filled = (*arena)->Fill(jobs, opts);
-  ASSERT_TRUE(filled.ok()) << filled.ToString();
-  EXPECT_EQ(progress.load(), a.size() + b.size());
-  ASSERT_TRUE((*arena)->Seal().ok());
-
   std::string expected(size, '\0');
   std::memcpy(expected.data(), a.data(), 3 << 20);
   std::memcpy(expected.data() + (3 << 20) + 256, a.data() + (3 << 20), 2 << 20);
   std::memcpy(expected.data() + (5 << 20) + 512, b.data(), b.size());
-  const std::string got = ClientView(**arena);
-  ASSERT_EQ(got.size(), expected.size());
-  EXPECT_TRUE(got == expected) << "arena bytes differ from the files";
+  // 1 MiB chunks split every tensor across threads; 16 MiB chunks leave one
+  // chunk per tensor, which the buffered method copies in several 2 MiB steps.
+  for (uint64_t chunk : {uint64_t{1} << 20, uint64_t{16} << 20}) {
+    SCOPED_TRACE("chunk_bytes " + std::to_string(chunk));
+    auto arena = backend_->Allocate(size, "fill-test");
+    ASSERT_TRUE(arena.ok()) << arena.status().ToString();
+    std::atomic<uint64_t> progress{0};
+    FillOptions opts;
+    opts.threads = 4;
+    opts.chunk_bytes = chunk;
+    opts.on_progress = [&](uint64_t n) { progress += n; };
+    Status filled = (*arena)->Fill(jobs, opts);
+    ASSERT_TRUE(filled.ok()) << filled.ToString();
+    EXPECT_EQ(progress.load(), a.size() + b.size());
+    ASSERT_TRUE((*arena)->Seal().ok());
+    const std::string got = ClientView(**arena);
+    ASSERT_EQ(got.size(), expected.size());
+    EXPECT_TRUE(got == expected) << "arena bytes differ from the files";
+  }
 }
 
 TEST_P(HostFillTest, SealedArenaRefusesWritesResizesAndRefills) {
@@ -270,9 +299,12 @@ TEST_P(HostFillTest, CastJobsConvertOnTheWay) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, HostFillTest,
-                         ::testing::Values(HostFillMethod::kSendfile, HostFillMethod::kMapping),
+                         ::testing::Values(HostFillMethod::kSendfile, HostFillMethod::kMapping,
+                                           HostFillMethod::kBufferedWrite),
                          [](const auto& info) {
-                           return info.param == HostFillMethod::kSendfile ? "Sendfile" : "Mapping";
+                           std::ostringstream name;
+                           PrintTo(info.param, &name);
+                           return name.str();
                          });
 
 }  // namespace
