@@ -89,9 +89,15 @@ def render_machine(args):
     busy = (load_start if load_start is not None else load_end) > (mc["cores"] or 1)
     gpus = gpu_description()
     command = "bench/run-all" + (" --quick" if args.mode == "quick" else "")
-    lines = ["## The run these numbers come from", "",
-             f"Every section between generated markers below was written by `{command}` "
-             "(see the top of `bench/run-all`); the prose around them is hand-written.", "",
+    if args.only:
+        intro = (f"The last run, `{command} --only {args.only}`, rewrote only these sections: "
+                 + ", ".join(args.only.split(",")) + ". Every other section between generated markers "
+                 "was written by an earlier `bench/run-all` and keeps the date and commit in its own "
+                 "*Measured* line; the prose around them is hand-written.")
+    else:
+        intro = (f"Every section between generated markers below was written by `{command}` "
+                 "(see the top of `bench/run-all`); the prose around them is hand-written.")
+    lines = ["## The run these numbers come from", "", intro, "",
              f"- Date {args.stamp}, total run time {float(args.seconds) / 60:.1f} min"
              + (" - **a quick run (small models, few repeats): a smoke test, not the documented "
                 "figures**." if args.mode == "quick" else "."),
@@ -302,6 +308,7 @@ def main():
     r.add_argument("--mode", choices=["quick", "full"], default="full")
     r.add_argument("--seconds", default="0", help="machine: total run time")
     r.add_argument("--load-start", help="machine: 1-minute load average at the start")
+    r.add_argument("--only", default="", help="machine: the sections this run rewrote, when not all")
     r.add_argument("--reason", default="", help="why a section was not measured")
     r.add_argument("--missing", action="store_true", help="say why the section was not measured (--reason)")
     s = sub.add_parser("splice", help="replace a section of DOC with the contents of FILE")

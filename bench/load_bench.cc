@@ -88,6 +88,9 @@ void RestoreShmem() {
 struct LoadConfig {
   std::string shmem_enabled;  ///< written before each load; "" = the machine's as it is
   std::unique_ptr<wbroker::broker::HostBackend> backend;
+  std::string setting;          ///< shmem_enabled as read back under this configuration
+  std::string fill;             ///< the backend's fill_method() under it
+  bool huge = false;            ///< madvised shmem mappings get huge pages under it
   std::vector<double> seconds;  ///< one per repeat, for the current thread count
 };
 
@@ -115,7 +118,8 @@ double PageCacheRead(const std::vector<std::filesystem::path>& files, unsigned t
     wbroker::UniqueFd fd(::open(f.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) Die("open " + f.string());
     uint64_t size = std::filesystem::file_size(f);
-    for (uint64_t o = 0; o < size; o += kChunk) ranges.push_back({fd.get(), o, std::min(kChunk, size - o)});
+    for (uint64_t o = 0; o < size; o += kChunk)
+      ranges.push_back({fd.get(), o, std::min(kChunk, size - o)});
     total += size;
     fds.push_back(std::move(fd));
   }
@@ -128,7 +132,8 @@ double PageCacheRead(const std::vector<std::filesystem::path>& files, unsigned t
       char* buf = reused.data();
       void* fresh = nullptr;
       if (fresh_memory) {
-        fresh = ::mmap(nullptr, ranges[i].len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        fresh = ::mmap(nullptr, ranges[i].len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
         if (fresh == MAP_FAILED) Die("mmap");
         buf = static_cast<char*>(fresh);
       }
@@ -250,18 +255,21 @@ int main(int argc, char** argv) {
       Die(fmt::format("--shmem-enabled: {} is missing (a kernel without shmem THP?)",
                       kShmemEnabled));
     if (!setting.empty() && g_restore_shmem.empty()) g_restore_shmem = original;
-    LoadConfig c{setting, nullptr, {}};
+    LoadConfig c;
+    c.shmem_enabled = setting;
     Apply(c);
     auto backend = wbroker::broker::HostBackend::Create();
     if (!backend.ok()) Die(backend.status().message());
     c.backend = std::move(backend).value();
+    const wbroker::broker::ShmemHugePages huge = c.backend->huge_pages();
+    c.setting = huge.setting;
+    c.huge = huge.madvised_mappings_huge;
+    c.fill = c.backend->fill_method();
     configs.push_back(std::move(c));
   }
   json config_rows = json::array();
   for (const auto& c : configs)
-    config_rows.push_back({{"shmem_enabled", c.backend->huge_pages().setting},
-                           {"fill", c.backend->fill_method()},
-                           {"huge_pages", c.backend->huge_pages().madvised_mappings_huge}});
+    config_rows.push_back({{"shmem_enabled", c.setting}, {"fill", c.fill}, {"huge_pages", c.huge}});
   out["configs"] = config_rows;
   out["shmem_enabled_at_start"] = original;
 
@@ -279,7 +287,7 @@ int main(int argc, char** argv) {
       fs.push_back(PageCacheRead(files, t, &b, /*fresh_memory=*/true));
       for (auto& c : configs) {
         Apply(c);
-        WarmGuestMemory(weights->tensor_bytes, c.backend->huge_pages().madvised_mappings_huge);
+        WarmGuestMemory(weights->tensor_bytes, c.huge);
         wbroker::broker::LoaderOptions opts;
         opts.threads = t;
         auto loaded = wbroker::broker::LoadModel(*resolved, *c.backend, opts);
@@ -303,8 +311,8 @@ int main(int argc, char** argv) {
       if (lgbs > best_config_load[i]) best_config_load[i] = lgbs, best_config_threads[i] = t;
       best_load = std::max(best_load, lgbs);
       if (lgbs > row_best_gbps) row_best_s = lsec, row_best_gbps = lgbs;
-      fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n",
-                 "broker load: " + configs[i].backend->fill_method(), t, lsec, lgbs);
+      fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n", "broker load: " + configs[i].fill, t, lsec,
+                 lgbs);
       loads.push_back({{"config", i}, {"load_s", lsec}, {"load_gbps", lgbs}});
     }
     rows.push_back({{"threads", t},
@@ -332,9 +340,8 @@ int main(int argc, char** argv) {
       secs.push_back(loaded->seconds);
     }
     cold_gbps[i] = weights->tensor_bytes / Median(secs) / 1e9;
-    fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n",
-               "cold broker load: " + configs[i].backend->fill_method(), best_config_threads[i],
-               Median(secs), cold_gbps[i]);
+    fmt::print("{:<60} {:>8} {:>10.3f} {:>10.2f}\n", "cold broker load: " + configs[i].fill,
+               best_config_threads[i], Median(secs), cold_gbps[i]);
   }
   out["free_page_reporting"] = FreePageReporting();
   out["cold_repeats"] = cold_repeats;
@@ -358,9 +365,8 @@ int main(int argc, char** argv) {
     fmt::print(
         "{}: best load {:.2f} GB/s = {:.0f}% of the best page-cache read rate {:.2f} GB/s, "
         "{:.0f}% of reading into fresh memory {:.2f} GB/s\n",
-        configs[i].backend->fill_method(), best_config_load[i],
-        100 * best_config_load[i] / best_read, best_read, 100 * best_config_load[i] / best_fresh,
-        best_fresh);
+        configs[i].fill, best_config_load[i], 100 * best_config_load[i] / best_read, best_read,
+        100 * best_config_load[i] / best_fresh, best_fresh);
 
   if (!attach_model.empty() && !wbrokerd.empty()) {
     std::string sock = fmt::format("/tmp/wbroker-bench-{}.sock", ::getpid());
@@ -387,11 +393,15 @@ int main(int argc, char** argv) {
     }
     ::kill(broker, SIGTERM);
     ::waitpid(broker, nullptr, 0);
-    out["attach"] = {{"model", attach_model}, {"tensors", tensors}, {"round_trips", attaches},
-                     {"attach_ms_median", Median(att)}, {"attach_ms_p99", Percentile(att, 0.99)},
+    out["attach"] = {{"model", attach_model},
+                     {"tensors", tensors},
+                     {"round_trips", attaches},
+                     {"attach_ms_median", Median(att)},
+                     {"attach_ms_p99", Percentile(att, 0.99)},
                      {"release_ms_median", Median(rel)}};
-    fmt::print("\nattach {} ({} tensors): median {:.3f} ms, p99 {:.3f} ms; release median {:.3f} ms\n",
-               attach_model, tensors, Median(att), Percentile(att, 0.99), Median(rel));
+    fmt::print(
+        "\nattach {} ({} tensors): median {:.3f} ms, p99 {:.3f} ms; release median {:.3f} ms\n",
+        attach_model, tensors, Median(att), Percentile(att, 0.99), Median(rel));
   }
   if (!json_out.empty()) std::ofstream(json_out) << out.dump(2) << "\n";
   return 0;
