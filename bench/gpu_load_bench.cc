@@ -23,14 +23,16 @@
 // attaches MODEL, prints "ready BACKEND BYTES" and holds the lease until its
 // stdin closes.
 #include <fcntl.h>
-#include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
-#include <spdlog/spdlog.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -42,13 +44,13 @@
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "backend.h"
+#include "bench_util.h"
 #include "model_loader.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
@@ -56,23 +58,22 @@
 #include "wbroker/common/model_files.h"
 #include "wbroker/common/size_units.h"
 #include "wbroker/common/unique_fd.h"
+#include "wbroker/common/version.h"
 #include "wbroker/cuda/driver.h"
 #include "wbroker/cuda/resources.h"
-#include "bench_util.h"
-#include "wbroker/common/version.h"
 
 namespace {
 
 namespace fs = std::filesystem;
-using wbroker::bench::Clock;
-using wbroker::bench::Median;
-using wbroker::bench::Percentile;
-using wbroker::bench::Seconds;
 using nlohmann::json;
 using wbroker::ErrorCode;
 using wbroker::FormatBytes;
 using wbroker::Result;
 using wbroker::Status;
+using wbroker::bench::Clock;
+using wbroker::bench::Median;
+using wbroker::bench::Percentile;
+using wbroker::bench::Seconds;
 
 constexpr uint64_t kChunk = 16ull << 20;  ///< the loader's default chunk (FillOptions)
 

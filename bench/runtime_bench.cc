@@ -11,6 +11,7 @@
 //
 //   wbroker-bench-runtime --socket S --model M[@REV] [--tokens 64] [--rounds 7]
 #include <CLI/CLI.hpp>
+
 #include <cstdio>
 #include <memory>
 #include <string>

@@ -4,8 +4,9 @@
 #include "arena_adoption.h"
 
 #include <fcntl.h>
-#include <fmt/format.h>
 #include <sys/mman.h>
+
+#include <fmt/format.h>
 
 #include <cstring>
 #include <memory>

@@ -6,13 +6,13 @@
 // crosses this interface.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/dtype.h"
 #include "wbroker/common/status.h"
@@ -25,10 +25,10 @@ namespace wbroker::broker {
 /// converted on the way (backends whose can_cast() is true; the arena range then holds
 /// length / bytes(src) * bytes(dst) bytes).
 struct CopyJob {
-  int fd = -1;                 ///< source file, open for reading (borrowed)
-  uint64_t file_offset = 0;    ///< byte offset in the file
-  uint64_t arena_offset = 0;   ///< byte offset in the arena
-  uint64_t length = 0;         ///< bytes to read from the file
+  int fd = -1;                   ///< source file, open for reading (borrowed)
+  uint64_t file_offset = 0;      ///< byte offset in the file
+  uint64_t arena_offset = 0;     ///< byte offset in the arena
+  uint64_t length = 0;           ///< bytes to read from the file
   DType src_dtype = DType::kU8;  ///< element type in the file
   DType dst_dtype = DType::kU8;  ///< element type in the arena
 };
@@ -42,8 +42,9 @@ struct FillOptions {
 
 /// What a client needs to map an arena: plain data plus borrowed fds.
 struct ArenaExport {
-  nlohmann::json descriptor;  ///< {"kind": "memfd", "size": N, ...}; "fds" count added by the caller
-  std::vector<int> fds;       ///< owned by the Arena; valid while it lives
+  nlohmann::json
+      descriptor;        ///< {"kind": "memfd", "size": N, ...}; "fds" count added by the caller
+  std::vector<int> fds;  ///< owned by the Arena; valid while it lives
 };
 
 /// One model's memory on one device.

@@ -19,7 +19,9 @@ namespace wbroker::broker {
 Broker::Broker(boost::asio::io_context& io, const BrokerConfig& config)
     : io_(io), config_(config), signals_(io), watchdog_timer_(io) {}
 
-Broker::~Broker() { Stop(); }
+Broker::~Broker() {
+  Stop();
+}
 
 Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
                                                const BrokerConfig& config) {
@@ -112,8 +114,7 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
     auto dev = b->dispatcher_->FindDevice(p.device);
-    if (!dev.ok())
-      return dev.status().WithContext(fmt::format("preload {} device", p.model));
+    if (!dev.ok()) return dev.status().WithContext(fmt::format("preload {} device", p.model));
   }
 
   ServerOptions sopts;

@@ -2,14 +2,14 @@
 // service-manager integration and preloads.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/signal_set.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "access_policy.h"
 #include "backend.h"
@@ -54,20 +54,20 @@ class Broker {
   /// One stored arena: its checks and the registry insert.
   Status AdoptOne(StoredArena& stored);
 
-  boost::asio::io_context& io_;               ///< the event loop
-  BrokerConfig config_;                       ///< effective settings
+  boost::asio::io_context& io_;  ///< the event loop
+  BrokerConfig config_;          ///< effective settings
   /// One served device and what it owns.
   struct DeviceSlot {
-    std::string spec;                          ///< as configured
-    std::unique_ptr<Backend> backend;          ///< device memory
-    std::unique_ptr<MemoryBudget> budget;      ///< --max-memory (per device)
-    std::unique_ptr<ModelRegistry> registry;   ///< models and leases
+    std::string spec;                         ///< as configured
+    std::unique_ptr<Backend> backend;         ///< device memory
+    std::unique_ptr<MemoryBudget> budget;     ///< --max-memory (per device)
+    std::unique_ptr<ModelRegistry> registry;  ///< models and leases
   };
 
-  std::vector<DeviceSlot> devices_;           ///< the first is the default
-  std::unique_ptr<AccessPolicy> access_;      ///< allow-lists and the admin group
-  std::unique_ptr<Dispatcher> dispatcher_;    ///< protocol verbs
-  std::unique_ptr<Server> server_;            ///< the socket
+  std::vector<DeviceSlot> devices_;         ///< the first is the default
+  std::unique_ptr<AccessPolicy> access_;    ///< allow-lists and the admin group
+  std::unique_ptr<Dispatcher> dispatcher_;  ///< protocol verbs
+  std::unique_ptr<Server> server_;          ///< the socket
   /// Prometheus metrics; declared after what it reads, so it goes first.
   std::unique_ptr<BrokerMetrics> metrics_;
   SystemdNotifier notifier_;                  ///< sd_notify

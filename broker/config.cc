@@ -2,15 +2,15 @@
 #include "config.h"
 
 #include <fmt/format.h>
+#include <toml++/toml.h>
 
 #include <fstream>
 #include <iterator>
 #include <set>
-#include <toml++/toml.h>
 
-#include "wbroker/common/hf_cache.h"
 #include "metrics.h"
 #include "model_loader.h"
+#include "wbroker/common/hf_cache.h"
 #include "wbroker/common/size_units.h"
 
 namespace wbroker::broker {
@@ -77,7 +77,8 @@ Result<std::vector<AccessRule>> ParseAccessRules(const toml::node& node, std::st
   for (size_t i = 0; i < arr->size(); ++i) {
     std::string where = fmt::format("access[{}]", i);
     const auto* tbl = (*arr)[i].as_table();
-    if (!tbl) return KeyError(label, where, "must be a table {model = ..., uids = [...], groups = [...]}");
+    if (!tbl)
+      return KeyError(label, where, "must be a table {model = ..., uids = [...], groups = [...]}");
     WB_ASSIGN_OR_RETURN(AccessRule rule, ParseAccessRule(*tbl, label, where));
     out.push_back(std::move(rule));
   }
@@ -142,14 +143,15 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   }
   BrokerConfig cfg;
   static const std::set<std::string> kKeys = {
-      "socket",         "socket_mode",     "socket_group",    "cache_dir",
-      "device",         "max_memory",      "log_level",       "load_on_attach",
-      "loader_threads", "max_connections", "max_frame_bytes", "hello_timeout_ms",
-      "preload",        "cuda_sharing",    "dtype",           "metrics_listen",
-      "idle_timeout_ms", "max_leases_per_client", "admin_group", "access"};
+      "socket",          "socket_mode",     "socket_group",
+      "cache_dir",       "device",          "max_memory",
+      "log_level",       "load_on_attach",  "loader_threads",
+      "max_connections", "max_frame_bytes", "hello_timeout_ms",
+      "preload",         "cuda_sharing",    "dtype",
+      "metrics_listen",  "idle_timeout_ms", "max_leases_per_client",
+      "admin_group",     "access"};
   for (const auto& [k, v] : t) {
-    if (!kKeys.count(std::string(k.str())))
-      return KeyError(label, k.str(), "unknown setting");
+    if (!kKeys.count(std::string(k.str()))) return KeyError(label, k.str(), "unknown setting");
   }
   auto get_string = [&](const char* key, std::string& out) -> Status {
     if (const auto* node = t.get(key)) {
@@ -238,7 +240,8 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
   WB_RETURN_IF_ERROR(get_uint("max_frame_bytes", kMaxFrameBytesMax, cfg.max_frame_bytes));
   WB_RETURN_IF_ERROR(get_uint("hello_timeout_ms", kMaxHelloTimeoutMs, cfg.hello_timeout_ms));
   WB_RETURN_IF_ERROR(get_uint("idle_timeout_ms", kMaxIdleTimeoutMs, cfg.idle_timeout_ms));
-  WB_RETURN_IF_ERROR(get_uint("max_leases_per_client", kMaxLeasesPerClientMax, cfg.max_leases_per_client));
+  WB_RETURN_IF_ERROR(
+      get_uint("max_leases_per_client", kMaxLeasesPerClientMax, cfg.max_leases_per_client));
   if (cfg.max_leases_per_client == 0)
     return KeyError(label, "max_leases_per_client", "must be at least 1");
   WB_RETURN_IF_ERROR(get_string("admin_group", cfg.admin_group));
@@ -279,8 +282,10 @@ Result<BrokerConfig> ParseConfig(std::string_view toml_text, std::string_view la
       auto model = (*tbl)["model"].value<std::string>();
       if (!model || model->empty()) return KeyError(label, where, "needs a model string");
       e.model = *model;
-      if (auto rev = (*tbl)["revision"].value<std::string>()) e.revision = *rev;
-      else if (tbl->contains("revision")) return KeyError(label, where + ".revision", "must be a string");
+      if (auto rev = (*tbl)["revision"].value<std::string>())
+        e.revision = *rev;
+      else if (tbl->contains("revision"))
+        return KeyError(label, where + ".revision", "must be a string");
       if (auto dt = (*tbl)["dtype"].value<std::string>()) {
         auto d = ParseCastDType(*dt);
         if (!d.ok()) return d.status().WithContext(fmt::format("{}: {}.dtype", label, where));

@@ -51,7 +51,8 @@ struct BrokerConfig {
   std::string metrics_listen;             ///< HOST:PORT for Prometheus /metrics; "" = off
   std::vector<PreloadEntry> preload;      ///< loaded before READY
   std::filesystem::path config_file;      ///< the --config file, re-read by `reload`/SIGHUP
-  std::vector<PreloadEntry> cli_preload;  ///< the --preload flags (also in `preload`), kept on reload
+  std::vector<PreloadEntry>
+      cli_preload;  ///< the --preload flags (also in `preload`), kept on reload
 };
 
 /// Parses a TOML config. Unknown keys are errors (typos must not pass silently).

@@ -17,9 +17,10 @@
 #include "cuda_backend.h"
 
 #include <fcntl.h>
+#include <unistd.h>
+
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>

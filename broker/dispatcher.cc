@@ -6,10 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <boost/asio/post.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
-
-#include <boost/asio/post.hpp>
 
 #include "arena_adoption.h"
 #include "progress_stream.h"
@@ -52,8 +51,8 @@ void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
   }
   const std::string op = op_it->get<std::string>();
   if (!s->said_hello() && op != "hello") {
-    spdlog::warn("client {} (pid {} uid {}): \"{}\" before hello; closing", s->id(),
-                 s->peer().pid, s->peer().uid, op);
+    spdlog::warn("client {} (pid {} uid {}): \"{}\" before hello; closing", s->id(), s->peer().pid,
+                 s->peer().uid, op);
     s->SendError(IdOf(req), Status(ErrorCode::kProtocol, "say hello first"));
     s->Close("no hello");
     return;
@@ -78,7 +77,8 @@ void Dispatcher::HandleRequest(const std::shared_ptr<Session>& s, json req) {
     r["text"] = ctx_.metrics ? ctx_.metrics->Render() : std::string();
     return s->Send(std::move(r));
   }
-  s->SendError(IdOf(req), Status(ErrorCode::kInvalidArgument, fmt::format("unknown op \"{}\"", op)));
+  s->SendError(IdOf(req),
+               Status(ErrorCode::kInvalidArgument, fmt::format("unknown op \"{}\"", op)));
 }
 
 void Dispatcher::SessionClosed(const Session& session) {
@@ -91,7 +91,8 @@ void Dispatcher::ErrorSent(const Status& status) {
 
 void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
   auto proto = req.find("protocol");
-  if (proto != req.end() && (!proto->is_number_unsigned() || proto->get<uint64_t>() != kProtocolVersion)) {
+  if (proto != req.end() &&
+      (!proto->is_number_unsigned() || proto->get<uint64_t>() != kProtocolVersion)) {
     s->SendError(IdOf(req), Status(ErrorCode::kProtocol,
                                    fmt::format("client speaks protocol {}, broker speaks {}",
                                                proto->dump(), kProtocolVersion)));
@@ -130,7 +131,7 @@ void Dispatcher::DoHello(const std::shared_ptr<Session>& s, const json& req) {
   }
   r["connection"] = s->id();
   // Opt-in additions to protocol 1 that this broker understands.
-  r["features"] = {"load_progress", "metrics",         "reattach",
+  r["features"] = {"load_progress", "metrics", "reattach",
                    "reload",        "replace", "superseded_events"};
   s->Send(std::move(r));
 }
@@ -184,45 +185,46 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   if (!cast.ok()) return s->SendError(id, cast.status());
   std::weak_ptr<Session> weak = s;
   s->StartedAsync();
-  dev->registry->Acquire(
-      *resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
-      [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
-        auto s = weak.lock();
-        if (!s || s->closed()) return;  // client went away while the model loaded
-        s->FinishedAsync();
-        if (!entry.ok()) return s->SendError(id, entry.status());
-        const auto& e = *entry;
-        auto exported = e->loaded.arena->Export();
-        if (!exported.ok()) return s->SendError(id, exported.status());
-        // Dup the fds: the reply owns its copies, so the frame stays valid even
-        // if the model is freed before the socket drains.
-        std::vector<UniqueFd> fds;
-        for (int fd : exported->fds) {
-          UniqueFd dup(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
-          if (!dup) return s->SendError(id, ErrnoStatus("dup arena fd"));
-          fds.push_back(std::move(dup));
-        }
-        uint64_t lease = s->AddLease(*dev->registry, e);
-        json r = Reply(req);
-        r["lease"] = lease;
-        r["model"] = e->resolved.model;
-        r["revision"] = e->resolved.commit;
-        r["requested_revision"] = e->resolved.requested_revision;
-        r["snapshot"] = e->resolved.snapshot_dir.string();
-        r["device"] = dev->backend->device();
-        r["backend"] = dev->backend->name();
-        r["arena"] = exported->descriptor;
-        r["metadata"] = e->loaded.metadata;
-        r["fds"] = fds.size();
-        // The manifest is serialized once per load; splice it in as text so a
-        // 300-tensor attach does not re-serialize 300 objects.
-        std::string body = r.dump(-1, ' ', false, json::error_handler_t::replace);
-        body.pop_back();
-        body += ",\"tensors\":";
-        body += e->manifest_text;
-        body += '}';
-        s->SendRaw(std::move(body), std::move(fds));
-      });
+  dev->registry->Acquire(*resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
+                         [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
+                           auto s = weak.lock();
+                           if (!s || s->closed())
+                             return;  // client went away while the model loaded
+                           s->FinishedAsync();
+                           if (!entry.ok()) return s->SendError(id, entry.status());
+                           const auto& e = *entry;
+                           auto exported = e->loaded.arena->Export();
+                           if (!exported.ok()) return s->SendError(id, exported.status());
+                           // Dup the fds: the reply owns its copies, so the frame stays valid even
+                           // if the model is freed before the socket drains.
+                           std::vector<UniqueFd> fds;
+                           for (int fd : exported->fds) {
+                             UniqueFd dup(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+                             if (!dup) return s->SendError(id, ErrnoStatus("dup arena fd"));
+                             fds.push_back(std::move(dup));
+                           }
+                           uint64_t lease = s->AddLease(*dev->registry, e);
+                           json r = Reply(req);
+                           r["lease"] = lease;
+                           r["model"] = e->resolved.model;
+                           r["revision"] = e->resolved.commit;
+                           r["requested_revision"] = e->resolved.requested_revision;
+                           r["snapshot"] = e->resolved.snapshot_dir.string();
+                           r["device"] = dev->backend->device();
+                           r["backend"] = dev->backend->name();
+                           r["arena"] = exported->descriptor;
+                           r["metadata"] = e->loaded.metadata;
+                           r["fds"] = fds.size();
+                           // The manifest is serialized once per load; splice it in as text so a
+                           // 300-tensor attach does not re-serialize 300 objects.
+                           std::string body =
+                               r.dump(-1, ' ', false, json::error_handler_t::replace);
+                           body.pop_back();
+                           body += ",\"tensors\":";
+                           body += e->manifest_text;
+                           body += '}';
+                           s->SendRaw(std::move(body), std::move(fds));
+                         });
 }
 
 void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) {
@@ -561,9 +563,9 @@ Result<const DeviceArena*> Dispatcher::FindDevice(const std::string& name) const
     if (!served.empty()) served += ", ";
     served += fmt::format("{} ({})", d.backend->device(), d.backend->name());
   }
-  return Status(ErrorCode::kUnsupported,
-                fmt::format("this broker serves devices {}; device \"{}\" is not available",
-                            served, name));
+  return Status(
+      ErrorCode::kUnsupported,
+      fmt::format("this broker serves devices {}; device \"{}\" is not available", served, name));
 }
 
 json Dispatcher::StatusJson() const {

@@ -2,8 +2,8 @@
 #pragma once
 
 #include <boost/asio/thread_pool.hpp>
+
 #include <chrono>
-#include <functional>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -31,11 +31,11 @@ struct DeviceArena {
 
 /// What the dispatcher needs from the broker around it.
 struct DispatcherContext {
-  const BrokerConfig* config = nullptr;        ///< settings (cache dir, load_on_attach, ...)
-  std::filesystem::path cache_dir;             ///< effective HF hub cache
-  std::vector<DeviceArena> devices;            ///< served devices; the first is the default
-  Server* server = nullptr;                    ///< for the client list
-  std::optional<DType> default_cast;           ///< config `dtype`, for attach-triggered loads
+  const BrokerConfig* config = nullptr;           ///< settings (cache dir, load_on_attach, ...)
+  std::filesystem::path cache_dir;                ///< effective HF hub cache
+  std::vector<DeviceArena> devices;               ///< served devices; the first is the default
+  Server* server = nullptr;                       ///< for the client list
+  std::optional<DType> default_cast;              ///< config `dtype`, for attach-triggered loads
   std::chrono::steady_clock::time_point started;  ///< for uptime
   BrokerMetrics* metrics = nullptr;               ///< error counts and the `metrics` verb
   /// Re-reads the config and applies its preload list (the `reload` verb and
@@ -43,7 +43,7 @@ struct DispatcherContext {
   std::function<void(std::function<void(Result<nlohmann::json>)>)> reload;
   /// Called when a client's arena was adopted (the broker keeps it in the fd store).
   std::function<void(const DeviceArena&, const ModelEntry&)> on_adopted;
-  const AccessPolicy* access = nullptr;           ///< allow-lists and the admin group
+  const AccessPolicy* access = nullptr;  ///< allow-lists and the admin group
 };
 
 /// Implements every protocol verb: hello, attach, reattach, release, status,

@@ -3,10 +3,11 @@
 #include "fd_store.h"
 
 #include <fcntl.h>
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
 
 #include <cstdlib>

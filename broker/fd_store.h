@@ -9,6 +9,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+
 #include <string>
 #include <utility>
 #include <vector>

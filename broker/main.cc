@@ -1,18 +1,18 @@
 // wbrokerd: loads each model once and shares it with every worker process.
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
-#include <boost/asio/io_context.hpp>
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
-
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include <cstdio>
-#include <filesystem>
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 
 #include "broker.h"
 #include "config.h"
@@ -57,8 +57,9 @@ void RaiseOpenFileLimit(size_t max_connections) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  CLI::App app{"wbrokerd: load each Hugging Face model once and share it zero-copy with every "
-               "worker process over a Unix socket"};
+  CLI::App app{
+      "wbrokerd: load each Hugging Face model once and share it zero-copy with every "
+      "worker process over a Unix socket"};
   std::string config_path, socket_path, cache_dir, max_memory, log_level, socket_mode, socket_group,
       metrics_listen;
   std::vector<std::string> devices;
@@ -80,7 +81,8 @@ int main(int argc, char** argv) try {
       ->check(CLI::IsMember({"auto", "vmm", "ipc"}));
   app.add_option("--dtype", dtype, "convert float weights at load: bf16 | fp16 | fp32");
   app.add_option("--preload", preload, "MODEL[@REV] to load at start-up (repeatable)");
-  app.add_option("--max-memory", max_memory, "arena memory budget per device, e.g. 48GiB (default unlimited)");
+  app.add_option("--max-memory", max_memory,
+                 "arena memory budget per device, e.g. 48GiB (default unlimited)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error (default info)");
   app.add_option("--metrics-listen", metrics_listen,
                  "serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
@@ -104,8 +106,8 @@ int main(int argc, char** argv) try {
                      fmt::format("largest request frame in bytes; a larger length prefix drops "
                                  "the connection (default {})",
                                  defaults.max_frame_bytes))
-          ->check(CLI::Range(wbroker::broker::kMaxFrameBytesMin,
-                             wbroker::broker::kMaxFrameBytesMax));
+          ->check(
+              CLI::Range(wbroker::broker::kMaxFrameBytesMin, wbroker::broker::kMaxFrameBytesMax));
   auto* hello_timeout_opt =
       app.add_option("--hello-timeout-ms", hello_timeout_ms,
                      fmt::format("close connections that do not say hello within this time "

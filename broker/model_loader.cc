@@ -17,7 +17,9 @@ namespace wbroker::broker {
 
 namespace {
 
-bool IsCastable(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+bool IsCastable(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
+}
 
 }  // namespace
 
@@ -43,8 +45,8 @@ ArenaPlan PlanArena(const ModelWeights& weights, std::optional<DType> cast_to) {
       // Same element count, other width: exact because castable dtypes are whole bytes.
       uint64_t dst_bytes = t.nbytes() / (DTypeBits(t.dtype) / 8) * (DTypeBits(dst) / 8);
       plan.tensors.push_back({t.name, dst, t.shape, cursor, dst_bytes});
-      plan.jobs.push_back({static_cast<int>(f), header.data_start + t.begin, cursor, t.nbytes(),
-                           t.dtype, dst});
+      plan.jobs.push_back(
+          {static_cast<int>(f), header.data_start + t.begin, cursor, t.nbytes(), t.dtype, dst});
       cursor += dst_bytes;
       plan.tensor_bytes += dst_bytes;
       plan.file_bytes += t.nbytes();

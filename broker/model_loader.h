@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <optional>
-#include <string_view>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backend.h"
@@ -39,20 +39,20 @@ Result<DType> ParseCastDType(std::string_view name);
 
 /// A model in memory, ready to export.
 struct LoadedModel {
-  std::unique_ptr<Arena> arena;            ///< sealed
-  std::vector<ManifestTensor> tensors;     ///< manifest
-  uint64_t tensor_bytes = 0;               ///< payload bytes
-  size_t files = 0;                        ///< weight files read
-  double seconds = 0;                      ///< wall time of the whole load
+  std::unique_ptr<Arena> arena;                 ///< sealed
+  std::vector<ManifestTensor> tensors;          ///< manifest
+  uint64_t tensor_bytes = 0;                    ///< payload bytes
+  size_t files = 0;                             ///< weight files read
+  double seconds = 0;                           ///< wall time of the whole load
   std::map<std::string, std::string> metadata;  ///< `__metadata__` of the first file
 };
 
 /// Knobs of one load.
 struct LoaderOptions {
-  unsigned threads = 4;                       ///< reader threads
-  MemoryBudget* budget = nullptr;             ///< reserved before allocation when set
-  std::optional<DType> cast_to;               ///< convert float tensors (GPU backends)
-  LoadProgress* progress = nullptr;           ///< counters the reader threads add to (optional)
+  unsigned threads = 4;              ///< reader threads
+  MemoryBudget* budget = nullptr;    ///< reserved before allocation when set
+  std::optional<DType> cast_to;      ///< convert float tensors (GPU backends)
+  LoadProgress* progress = nullptr;  ///< counters the reader threads add to (optional)
   /// Called when the budget lacks `bytes`: frees room (evicts) and returns Ok
   /// to retry, kUnavailable to wait and retry, or the error to fail with.
   std::function<Status(uint64_t bytes, const std::string& what)> make_room;

@@ -2,12 +2,12 @@
 // the load itself runs on the pool and posts its result back.
 #include "model_registry.h"
 
-#include <algorithm>
-#include <future>
-
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <future>
 
 #include "wbroker/common/size_units.h"
 
@@ -82,8 +82,10 @@ void ModelRegistry::Acquire(const ResolvedModel& model, std::optional<DType> cas
         return;
       case ModelState::kLoading:
         entry->waiters.push_back([entry, done](Status s) {
-          if (s.ok()) done(entry);
-          else done(s);
+          if (s.ok())
+            done(entry);
+          else
+            done(s);
         });
         return;
       case ModelState::kDraining:
@@ -128,8 +130,10 @@ std::shared_ptr<ModelEntry> ModelRegistry::NewEntry(const ResolvedModel& model,
 
 void ModelRegistry::LoadEntry(const std::shared_ptr<ModelEntry>& entry, AcquireCallback done) {
   entry->waiters.push_back([entry, done](Status s) {
-    if (s.ok()) done(entry);
-    else done(s);
+    if (s.ok())
+      done(entry);
+    else
+      done(s);
   });
   PublishRows();
   StartLoad(entry);
@@ -190,7 +194,7 @@ void ModelRegistry::FinishLoad(const std::shared_ptr<ModelEntry>& entry,
   }
   entry->loaded = std::move(result).value();
   entry->manifest_text = ManifestToJson(entry->loaded.tensors)
-                            .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+                             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   entry->state = ModelState::kReady;
   entry->loaded_at = std::chrono::system_clock::now();
   double secs = entry->loaded.seconds;

@@ -4,6 +4,11 @@
 // run on a separate thread pool and report back by posting to the io_context.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -13,11 +18,6 @@
 #include <mutex>
 #include <string>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <boost/asio/thread_pool.hpp>
-#include <nlohmann/json.hpp>
 
 #include "backend.h"
 #include "memory_budget.h"
@@ -35,9 +35,9 @@ std::string ModelKey(const ResolvedModel& model, std::optional<DType> cast_to);
 
 /// One revision of one model on the broker's device.
 struct ModelEntry {
-  std::string key;                   ///< "model@commit", plus ":dtype" when cast
-  std::optional<DType> cast_to;      ///< dtype conversion applied at load
-  ResolvedModel resolved;            ///< where it came from
+  std::string key;               ///< "model@commit", plus ":dtype" when cast
+  std::optional<DType> cast_to;  ///< dtype conversion applied at load
+  ResolvedModel resolved;        ///< where it came from
   ModelState state = ModelState::kLoading;
   Status error;               ///< why it failed (kFailed)
   LoadedModel loaded;         ///< arena + manifest once ready
@@ -65,7 +65,7 @@ struct ModelEntry {
 
 /// Knobs of the registry.
 struct RegistryOptions {
-  unsigned loader_threads = 4;  ///< reader threads per load
+  unsigned loader_threads = 4;      ///< reader threads per load
   unsigned max_parallel_loads = 2;  ///< loads running at once
   /// Called on the io thread when a load ends (ready or failed): the metrics.
   std::function<void(const ModelEntry&)> on_load_finished;
@@ -198,11 +198,11 @@ class ModelRegistry {
   /// Logs the progress of running loads now and then; re-arms while any runs.
   void DoLogProgress();
 
-  boost::asio::io_context& io_;     ///< where callbacks run
-  Backend& backend_;                ///< makes arenas
-  MemoryBudget& budget_;            ///< --max-memory accounting
-  RegistryOptions options_;         ///< knobs
-  boost::asio::thread_pool pool_;   ///< runs loads off the io thread
+  boost::asio::io_context& io_;                                 ///< where callbacks run
+  Backend& backend_;                                            ///< makes arenas
+  MemoryBudget& budget_;                                        ///< --max-memory accounting
+  RegistryOptions options_;                                     ///< knobs
+  boost::asio::thread_pool pool_;                               ///< runs loads off the io thread
   std::map<std::string, std::shared_ptr<ModelEntry>> entries_;  ///< by key
   /// Key of a replaced revision -> key of its replacement (always in entries_).
   std::map<std::string, std::string> redirects_;

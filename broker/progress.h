@@ -3,10 +3,11 @@
 // events and log lines, so observing a load never slows it down.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 

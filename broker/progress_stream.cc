@@ -1,9 +1,8 @@
 // wbroker broker: progress events for one load request.
 #include "progress_stream.h"
 
-#include <fmt/format.h>
-
 #include <boost/asio/error.hpp>
+#include <fmt/format.h>
 
 namespace wbroker::broker {
 

@@ -6,9 +6,10 @@
 #pragma once
 
 #include <boost/asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <string>
 
 #include "model_registry.h"

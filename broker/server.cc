@@ -49,7 +49,9 @@ Server::Server(boost::asio::io_context& io, const ServerOptions& options, Reques
       acceptor_(io),
       accept_backoff_(io) {}
 
-Server::~Server() { Stop(); }
+Server::~Server() {
+  Stop();
+}
 
 Result<std::unique_ptr<Server>> Server::Create(boost::asio::io_context& io,
                                                const ServerOptions& options,
@@ -83,9 +85,9 @@ Result<std::unique_ptr<Server>> Server::Create(boost::asio::io_context& io,
     ::umask(old);
   }
   if (ec) {
-    return Status(ec == boost::asio::error::access_denied ? ErrorCode::kPermissionDenied
-                                                           : ErrorCode::kIo,
-                  fmt::format("cannot bind {}: {}", path, ec.message()));
+    return Status(
+        ec == boost::asio::error::access_denied ? ErrorCode::kPermissionDenied : ErrorCode::kIo,
+        fmt::format("cannot bind {}: {}", path, ec.message()));
   }
   server->owns_path_ = true;
   server->path_ = path;
@@ -98,45 +100,48 @@ Result<std::unique_ptr<Server>> Server::Create(boost::asio::io_context& io,
   return server;
 }
 
-void Server::Start() { DoAccept(); }
+void Server::Start() {
+  DoAccept();
+}
 
 void Server::DoAccept() {
-  acceptor_.async_accept([this](const boost::system::error_code& ec,
-                                stream_protocol::socket socket) {
-    if (ec == boost::asio::error::operation_aborted) return;  // Stop()
-    if (ec) {
-      // EMFILE and friends: log, back off by continuing; never stop serving.
-      // EMFILE and friends: the pending connection stays queued, so retrying
-      // at once would spin. Back off briefly, keep serving, never stop.
-      spdlog::error("accept failed: {}; retrying in 100 ms", ec.message());
-      accept_backoff_.expires_after(std::chrono::milliseconds(100));
-      accept_backoff_.async_wait([this](const boost::system::error_code& wait_ec) {
-        if (!wait_ec && acceptor_.is_open()) DoAccept();
+  acceptor_.async_accept(
+      [this](const boost::system::error_code& ec, stream_protocol::socket socket) {
+        if (ec == boost::asio::error::operation_aborted) return;  // Stop()
+        if (ec) {
+          // EMFILE and friends: log, back off by continuing; never stop serving.
+          // EMFILE and friends: the pending connection stays queued, so retrying
+          // at once would spin. Back off briefly, keep serving, never stop.
+          spdlog::error("accept failed: {}; retrying in 100 ms", ec.message());
+          accept_backoff_.expires_after(std::chrono::milliseconds(100));
+          accept_backoff_.async_wait([this](const boost::system::error_code& wait_ec) {
+            if (!wait_ec && acceptor_.is_open()) DoAccept();
+          });
+          return;
+        }
+        auto cred = GetPeerCredentials(socket.native_handle());
+        if (!cred.ok()) {
+          spdlog::warn("rejecting a connection: {}", cred.status().message());
+        } else if (sessions_.size() >= options_.max_connections) {
+          spdlog::warn("refusing connection from pid {} uid {}: {} connections open (limit {})",
+                       cred->pid, cred->uid, sessions_.size(), options_.max_connections);
+          auto msg = EncodeFrame({{"ok", false},
+                                  {"error",
+                                   {{"code", ErrorCodeName(ErrorCode::kResourceExhausted)},
+                                    {"message", "too many connections to wbrokerd"}}}});
+          if (msg.ok()) (void)SendSomeWithFds(socket.native_handle(), *msg, {});
+        } else {
+          uint64_t id = next_id_++;
+          auto session = std::make_shared<Session>(std::move(socket), id, *cred, handler_,
+                                                   registry_, options_.limits);
+          sessions_.emplace(id, session);
+          live_.store(sessions_.size(), std::memory_order_relaxed);
+          spdlog::debug("client {} connected: pid {} uid {} gid {}", id, cred->pid, cred->uid,
+                        cred->gid);
+          session->Start();
+        }
+        DoAccept();
       });
-      return;
-    }
-    auto cred = GetPeerCredentials(socket.native_handle());
-    if (!cred.ok()) {
-      spdlog::warn("rejecting a connection: {}", cred.status().message());
-    } else if (sessions_.size() >= options_.max_connections) {
-      spdlog::warn("refusing connection from pid {} uid {}: {} connections open (limit {})",
-                   cred->pid, cred->uid, sessions_.size(), options_.max_connections);
-      auto msg = EncodeFrame({{"ok", false},
-                              {"error", {{"code", ErrorCodeName(ErrorCode::kResourceExhausted)},
-                                         {"message", "too many connections to wbrokerd"}}}});
-      if (msg.ok()) (void)SendSomeWithFds(socket.native_handle(), *msg, {});
-    } else {
-      uint64_t id = next_id_++;
-      auto session = std::make_shared<Session>(std::move(socket), id, *cred, handler_, registry_,
-                                               options_.limits);
-      sessions_.emplace(id, session);
-      live_.store(sessions_.size(), std::memory_order_relaxed);
-      spdlog::debug("client {} connected: pid {} uid {} gid {}", id, cred->pid, cred->uid,
-                    cred->gid);
-      session->Start();
-    }
-    DoAccept();
-  });
 }
 
 void Server::Stop() {

@@ -3,6 +3,11 @@
 
 #include <sys/types.h>
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -10,11 +15,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <nlohmann/json.hpp>
 
 #include "session.h"
 
@@ -34,8 +34,7 @@ class Server {
  public:
   static Result<std::unique_ptr<Server>> Create(boost::asio::io_context& io,
                                                 const ServerOptions& options,
-                                                RequestHandler& handler,
-                                                ModelRegistry& registry);
+                                                RequestHandler& handler, ModelRegistry& registry);
   ~Server();
 
   /// Starts accepting.
@@ -65,17 +64,17 @@ class Server {
          ModelRegistry& registry);
   void DoAccept();
 
-  boost::asio::io_context& io_;                            ///< runs everything
-  ServerOptions options_;                                  ///< as configured
-  RequestHandler& handler_;                                ///< request dispatch
-  ModelRegistry& registry_;                                ///< for sessions
-  boost::asio::local::stream_protocol::acceptor acceptor_; ///< listening socket
-  boost::asio::steady_timer accept_backoff_;               ///< delay after a failed accept
-  std::string path_;                                       ///< socket path
-  bool owns_path_ = false;                                 ///< we bound it: unlink at Stop
-  uint64_t next_id_ = 1;                                   ///< connection ids
-  std::map<uint64_t, std::weak_ptr<Session>> sessions_;    ///< live connections
-  std::atomic<size_t> live_{0};                            ///< sessions_.size(), for other threads
+  boost::asio::io_context& io_;                             ///< runs everything
+  ServerOptions options_;                                   ///< as configured
+  RequestHandler& handler_;                                 ///< request dispatch
+  ModelRegistry& registry_;                                 ///< for sessions
+  boost::asio::local::stream_protocol::acceptor acceptor_;  ///< listening socket
+  boost::asio::steady_timer accept_backoff_;                ///< delay after a failed accept
+  std::string path_;                                        ///< socket path
+  bool owns_path_ = false;                                  ///< we bound it: unlink at Stop
+  uint64_t next_id_ = 1;                                    ///< connection ids
+  std::map<uint64_t, std::weak_ptr<Session>> sessions_;     ///< live connections
+  std::atomic<size_t> live_{0};                             ///< sessions_.size(), for other threads
 };
 
 }  // namespace wbroker::broker

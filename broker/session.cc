@@ -55,9 +55,10 @@ void Session::DoIdleWait(std::chrono::steady_clock::duration after) {
     // Leases and pending replies are what a connection is for: keep it, and
     // look again one timeout later.
     if (!self->leases_.empty() || self->in_flight_ > 0) return self->DoIdleWait(idle);
-    spdlog::info("client {} (pid {} uid {}): idle for {} ms with no lease, closing "
-                 "(idle_timeout_ms)",
-                 self->id_, self->peer_.pid, self->peer_.uid, idle.count());
+    spdlog::info(
+        "client {} (pid {} uid {}): idle for {} ms with no lease, closing "
+        "(idle_timeout_ms)",
+        self->id_, self->peer_.pid, self->peer_.uid, idle.count());
     self->Close("idle timeout");
   });
 }
@@ -89,8 +90,9 @@ void Session::DoProcessInput() {
       spdlog::warn("client {} (pid {} uid {}): {}; dropping the connection", id_, peer_.pid,
                    peer_.uid, chunk.status().message());
       Send({{"ok", false},
-            {"error", {{"code", ErrorCodeName(ErrorCode::kProtocol)},
-                       {"message", chunk.status().message()}}}});
+            {"error",
+             {{"code", ErrorCodeName(ErrorCode::kProtocol)},
+              {"message", chunk.status().message()}}}});
       Close("protocol error");
       return;
     }
@@ -177,9 +179,10 @@ void Session::Send(nlohmann::json message, std::vector<UniqueFd> fds) {
   auto frame = EncodeFrame(message, limits_.max_frame_bytes);
   if (!frame.ok()) {
     spdlog::error("client {}: cannot send reply: {}", id_, frame.status().ToString());
-    nlohmann::json err = {{"ok", false},
-                          {"error", {{"code", ErrorCodeName(frame.status().code())},
-                                     {"message", frame.status().message()}}}};
+    nlohmann::json err = {
+        {"ok", false},
+        {"error",
+         {{"code", ErrorCodeName(frame.status().code())}, {"message", frame.status().message()}}}};
     if (message.contains("id")) err["id"] = message["id"];
     frame = EncodeFrame(err);
     fds.clear();
@@ -204,9 +207,9 @@ void Session::SendRaw(std::string body, std::vector<UniqueFd> fds) {
 }
 
 void Session::SendError(const nlohmann::json& request_id, const Status& status) {
-  nlohmann::json msg = {{"ok", false},
-                        {"error", {{"code", ErrorCodeName(status.code())},
-                                   {"message", status.message()}}}};
+  nlohmann::json msg = {
+      {"ok", false},
+      {"error", {{"code", ErrorCodeName(status.code())}, {"message", status.message()}}}};
   if (!request_id.is_null()) msg["id"] = request_id;
   handler_.ErrorSent(status);
   Send(std::move(msg));
@@ -219,14 +222,14 @@ bool Session::WriteSome() {
     if (out.sent == 0) {
       for (const auto& fd : out.fds) raw.push_back(fd.get());
     }
-    auto n = SendSomeWithFds(socket_.native_handle(),
-                             std::string_view(out.bytes).substr(out.sent), raw);
+    auto n =
+        SendSomeWithFds(socket_.native_handle(), std::string_view(out.bytes).substr(out.sent), raw);
     if (!n.ok()) {
       spdlog::debug("client {}: {}", id_, n.status().message());
       outq_.clear();
       return false;
     }
-    if (*n == 0) return true;  // would block
+    if (*n == 0) return true;            // would block
     if (out.sent == 0) out.fds.clear();  // delivered with the first byte: close our dups
     out.sent += *n;
     if (out.sent == out.bytes.size()) outq_.pop_front();
@@ -278,8 +281,7 @@ uint64_t Session::AddLease(ModelRegistry& registry, std::shared_ptr<ModelEntry> 
 Status Session::ReleaseLease(uint64_t lease_id) {
   auto it = leases_.find(lease_id);
   if (it == leases_.end())
-    return Status(ErrorCode::kNotFound,
-                  fmt::format("no lease {} on this connection", lease_id));
+    return Status(ErrorCode::kNotFound, fmt::format("no lease {} on this connection", lease_id));
   Lease lease = std::move(it->second);
   leases_.erase(it);
   lease.registry->ReleaseLease(lease.entry);

@@ -1,16 +1,16 @@
 // wbroker broker: one client connection: framing, fd passing, its leases.
 #pragma once
 
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <deque>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <nlohmann/json.hpp>
 
 #include "model_registry.h"
 #include "wbroker/common/fd_socket.h"
@@ -34,7 +34,7 @@ class RequestHandler {
 
 /// Limits applied to every connection.
 struct SessionLimits {
-  uint32_t max_frame_bytes = 16u << 20;  ///< larger frames drop the connection
+  uint32_t max_frame_bytes = 16u << 20;            ///< larger frames drop the connection
   std::chrono::milliseconds hello_timeout{10000};  ///< close if no hello by then
   /// Close a connection that said hello, holds no lease, waits for no reply
   /// and sent nothing for this long; 0 = never.
@@ -43,9 +43,8 @@ struct SessionLimits {
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(boost::asio::local::stream_protocol::socket socket, uint64_t id,
-          PeerCredentials peer, RequestHandler& handler, ModelRegistry& registry,
-          const SessionLimits& limits);
+  Session(boost::asio::local::stream_protocol::socket socket, uint64_t id, PeerCredentials peer,
+          RequestHandler& handler, ModelRegistry& registry, const SessionLimits& limits);
 
   /// Starts reading requests.
   void Start();
@@ -111,9 +110,9 @@ class Session : public std::enable_shared_from_this<Session> {
   };
 
   struct Outgoing {
-    std::string bytes;           ///< whole frame
-    std::vector<UniqueFd> fds;   ///< sent with bytes[0]
-    size_t sent = 0;             ///< bytes written so far
+    std::string bytes;          ///< whole frame
+    std::vector<UniqueFd> fds;  ///< sent with bytes[0]
+    size_t sent = 0;            ///< bytes written so far
   };
 
   void DoRead();

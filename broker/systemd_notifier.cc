@@ -1,11 +1,10 @@
 #include "systemd_notifier.h"
 
+#include <sys/socket.h>
 #include <time.h>
 
-#include <sys/socket.h>
-#include <systemd/sd-daemon.h>
-
 #include <fmt/format.h>
+#include <systemd/sd-daemon.h>
 
 #include <cstdlib>
 
@@ -14,8 +13,7 @@ namespace wbroker::broker {
 SystemdNotifier::SystemdNotifier() {
   uint64_t usec = 0;
   // sd_watchdog_enabled checks WATCHDOG_PID too, so a child never pings for us.
-  if (sd_watchdog_enabled(0, &usec) > 0 && usec > 0)
-    ping_ = std::chrono::microseconds(usec / 2);
+  if (sd_watchdog_enabled(0, &usec) > 0 && usec > 0) ping_ = std::chrono::microseconds(usec / 2);
 }
 
 void SystemdNotifier::Ready(const std::string& status) {
@@ -34,9 +32,13 @@ void SystemdNotifier::Reloading() {
   sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", usec);
 }
 
-void SystemdNotifier::Stopping() { sd_notify(0, "STOPPING=1"); }
+void SystemdNotifier::Stopping() {
+  sd_notify(0, "STOPPING=1");
+}
 
-void SystemdNotifier::Watchdog() { sd_notify(0, "WATCHDOG=1"); }
+void SystemdNotifier::Watchdog() {
+  sd_notify(0, "WATCHDOG=1");
+}
 
 SystemdNotifier::ListenFds SystemdNotifier::TakeListenFds(const std::string& store_prefix,
                                                           std::string* error) {

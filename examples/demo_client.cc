@@ -9,11 +9,12 @@
 //   checksum=<16 hex> attach_ms=3.41 arena_pss_kib=262144 arena_rss_kib=262144
 // then holds the lease for --hold-seconds (or until SIGTERM/SIGINT) and releases it.
 // The ready file (written after that line, atomically) holds the same line.
-#include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
 #include <cctype>
 #include <cerrno>
 #include <chrono>

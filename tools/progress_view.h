@@ -2,9 +2,10 @@
 // of `wbrokerctl load`): rate, ETA and one line that fits the width.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstddef>
 #include <cstdint>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 

@@ -3,10 +3,10 @@
 #include "verify.h"
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <fstream>
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/digest.h"
 #include "wbroker/common/model_files.h"
@@ -24,7 +24,8 @@ bool IsHex(const std::string& s, size_t len) {
 }
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // The etag recorded by `hf download --local-dir` (line 2 of the .metadata file).
@@ -98,7 +99,8 @@ FileCheck CheckOne(const ResolvedModel& m, const std::string& rel) {
 }  // namespace
 
 bool VerifyReport::ok() const {
-  return weights.ok() && std::all_of(files.begin(), files.end(), [](const FileCheck& f) { return f.ok; });
+  return weights.ok() &&
+         std::all_of(files.begin(), files.end(), [](const FileCheck& f) { return f.ok; });
 }
 
 Result<VerifyReport> VerifySnapshot(const fs::path& cache_dir, const std::string& model,
@@ -119,8 +121,9 @@ Result<VerifyReport> VerifySnapshot(const fs::path& cache_dir, const std::string
     if (it->is_directory(ec) && !it->is_symlink(ec)) continue;
     names.push_back(rel.string());
   }
-  if (ec) return Status(ErrorCode::kIo, fmt::format("cannot list {}: {}",
-                                                    report.model.snapshot_dir.string(), ec.message()));
+  if (ec)
+    return Status(ErrorCode::kIo, fmt::format("cannot list {}: {}",
+                                              report.model.snapshot_dir.string(), ec.message()));
   std::sort(names.begin(), names.end());
   for (const auto& n : names) report.files.push_back(CheckOne(report.model, n));
   auto weights = OpenModelWeights(report.model);

@@ -19,9 +19,9 @@ struct FileCheck {
 
 /// The verdict on a snapshot.
 struct VerifyReport {
-  ResolvedModel model;            ///< what was checked
-  std::vector<FileCheck> files;   ///< one per file, sorted by name
-  Status weights;                 ///< OpenModelWeights() over the whole set
+  ResolvedModel model;           ///< what was checked
+  std::vector<FileCheck> files;  ///< one per file, sorted by name
+  Status weights;                ///< OpenModelWeights() over the whole set
   bool ok() const;
 };
 

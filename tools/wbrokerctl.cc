@@ -1,12 +1,13 @@
 // wbrokerctl: operate a running wbrokerd (status, load, unload, metrics) and
 // check a cached snapshot offline (verify).
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <signal.h>
-#include <sys/ioctl.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -32,9 +33,13 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-int Fail(const Status& status) { return Fail(status.message()); }
+int Fail(const Status& status) {
+  return Fail(status.message());
+}
 
-std::string Short(const std::string& commit) { return commit.substr(0, 12); }
+std::string Short(const std::string& commit) {
+  return commit.substr(0, 12);
+}
 
 std::string FormatStatus(const json& st) {
   std::string out;
@@ -60,7 +65,8 @@ std::string FormatStatus(const json& st) {
   for (const auto& m : st["models"]) {
     std::string state = m.value("state", "");
     if (state == "loading" && m.contains("progress")) {
-      auto done = m["progress"].value("done_bytes", 0ull), total = m["progress"].value("total_bytes", 0ull);
+      auto done = m["progress"].value("done_bytes", 0ull),
+           total = m["progress"].value("total_bytes", 0ull);
       if (total) state += fmt::format(" {}%", done * 100 / total);
     }
     fmt::format_to(to, "{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>7.2f}s\n",
@@ -73,7 +79,8 @@ std::string FormatStatus(const json& st) {
     if (m.value("pinned", false)) notes.push_back("preloaded (pinned)");
     if (m.value("adopted", false)) notes.push_back("adopted from the previous broker");
     if (!m.value("superseded_by", "").empty())
-      notes.push_back("replaced by " + m.value("superseded_by", "") + ", freed at its last release");
+      notes.push_back("replaced by " + m.value("superseded_by", "") +
+                      ", freed at its last release");
     if (!notes.empty()) fmt::format_to(to, "    {}\n", fmt::join(notes, "; "));
   }
   fmt::format_to(to, "\n{:<8} {:<8} {:<8} {:<24} {:>6}\n", "CLIENT", "PID", "UID", "NAME",
@@ -310,9 +317,11 @@ int main(int argc, char** argv) try {
   auto* reload = app.add_subcommand(
       "reload", "re-read the broker's config and apply its preload list (like SIGHUP)");
   bool force = false;
-  auto* unload = app.add_subcommand("unload", "unload MODEL[@REV] (all loaded revisions if no REV)");
+  auto* unload =
+      app.add_subcommand("unload", "unload MODEL[@REV] (all loaded revisions if no REV)");
   unload->add_option("model", spec, "MODEL[@REV]")->required();
-  unload->add_flag("--force", force, "drain a leased model: no new attaches, freed at last release");
+  unload->add_flag("--force", force,
+                   "drain a leased model: no new attaches, freed at last release");
   unload->add_option("--device", device, "unload only on this device (default: every device)");
   std::string cache_dir;
   auto* verify = app.add_subcommand("verify", "check a cached snapshot offline (no broker needed)");
@@ -329,10 +338,14 @@ int main(int argc, char** argv) try {
     if (!report.ok()) return Fail(report.status());
     if (as_json) {
       json files = json::array();
-      for (const auto& f : report->files) files.push_back({{"file", f.name}, {"ok", f.ok}, {"detail", f.detail}});
-      json out = {{"model", report->model.model}, {"revision", report->model.commit},
-                  {"snapshot", report->model.snapshot_dir.string()}, {"ok", report->ok()},
-                  {"files", files}, {"weights", report->weights.ok() ? "ok" : report->weights.message()}};
+      for (const auto& f : report->files)
+        files.push_back({{"file", f.name}, {"ok", f.ok}, {"detail", f.detail}});
+      json out = {{"model", report->model.model},
+                  {"revision", report->model.commit},
+                  {"snapshot", report->model.snapshot_dir.string()},
+                  {"ok", report->ok()},
+                  {"files", files},
+                  {"weights", report->weights.ok() ? "ok" : report->weights.message()}};
       std::cout << out.dump(2) << "\n";
     } else {
       fmt::print("{} @ {}\n{}\n", report->model.model, report->model.commit,
@@ -369,7 +382,8 @@ int main(int argc, char** argv) try {
     if (!st.ok()) return Fail(st.status());
     st->erase("id");
     st->erase("ok");
-    if (as_json) std::cout << st->dump(2) << "\n";
+    if (as_json)
+      std::cout << st->dump(2) << "\n";
     else
       std::fputs(FormatStatus(*st).c_str(), stdout);
     return 0;
@@ -405,7 +419,8 @@ int main(int argc, char** argv) try {
   auto ms = wbroker::ParseModelSpec(spec);
   if (!ms.ok()) return Fail(ms.status());
   if (unload->parsed()) {
-    json req = {{"op", "unload"}, {"model", ms->model}, {"revision", ms->revision}, {"force", force}};
+    json req = {
+        {"op", "unload"}, {"model", ms->model}, {"revision", ms->revision}, {"force", force}};
     if (!device.empty()) req["device"] = device;
     auto r = (*client)->Call(req);
     if (!r.ok()) return Fail(fmt::format("unload {} failed: {}", spec, r.status().message()));

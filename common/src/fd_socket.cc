@@ -63,9 +63,9 @@ Result<RecvChunk> RecvWithFds(int sock, void* buf, size_t len, size_t max_fds) {
     return Status(ErrorCode::kProtocol, "control data truncated (too many file descriptors)");
   if (bad_cmsg) return Status(ErrorCode::kProtocol, "unexpected control message type");
   if (out.fds.size() > max_fds)
-    return Status(ErrorCode::kProtocol,
-                  fmt::format("{} file descriptors received, at most {} allowed", out.fds.size(),
-                              max_fds));
+    return Status(
+        ErrorCode::kProtocol,
+        fmt::format("{} file descriptors received, at most {} allowed", out.fds.size(), max_fds));
   return out;
 }
 
@@ -176,8 +176,8 @@ Result<UniqueFd> ConnectUnixSocket(const std::string& path) {
   if (rc < 0) {
     int err = errno;
     Status s = ErrnoStatus("connect", err);
-    ErrorCode code = (err == EACCES || err == EPERM) ? ErrorCode::kPermissionDenied
-                                                     : ErrorCode::kUnavailable;
+    ErrorCode code =
+        (err == EACCES || err == EPERM) ? ErrorCode::kPermissionDenied : ErrorCode::kUnavailable;
     return Status(code, fmt::format("cannot reach wbrokerd at {} ({}); is the broker running?",
                                     path, s.message()));
   }

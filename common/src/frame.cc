@@ -54,7 +54,9 @@ Result<uint32_t> DecodeFrameHeader(std::string_view header, uint32_t max_body_by
     return Status(ErrorCode::kProtocol, "frame header must be 12 bytes");
   if (std::memcmp(header.data(), kFrameMagic, 4) != 0)
     return Status(ErrorCode::kProtocol, "bad frame magic (not a wbroker peer?)");
-  auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(header[i])); };
+  auto byte = [&](size_t i) {
+    return static_cast<uint32_t>(static_cast<unsigned char>(header[i]));
+  };
   uint32_t version = byte(4) | byte(5) << 8;
   if (version != kProtocolVersion)
     return Status(ErrorCode::kProtocol,
@@ -63,9 +65,9 @@ Result<uint32_t> DecodeFrameHeader(std::string_view header, uint32_t max_body_by
   if (byte(6) != 0 || byte(7) != 0) return Status(ErrorCode::kProtocol, "nonzero frame flags");
   uint32_t length = byte(8) | byte(9) << 8 | byte(10) << 16 | byte(11) << 24;
   if (length > max_body_bytes)
-    return Status(ErrorCode::kProtocol,
-                  fmt::format("frame of {} bytes exceeds the limit of {} bytes", length,
-                              max_body_bytes));
+    return Status(
+        ErrorCode::kProtocol,
+        fmt::format("frame of {} bytes exceeds the limit of {} bytes", length, max_body_bytes));
   return length;
 }
 

@@ -6,9 +6,10 @@
 // keeps every file lookup inside the repo folder.
 #include "wbroker/common/hf_cache.h"
 
-#include <fmt/format.h>
 #include <pwd.h>
 #include <unistd.h>
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cstdlib>

@@ -17,9 +17,8 @@ Result<uint64_t> TensorBytes(DType dtype, const std::vector<uint64_t>& shape) {
   if (__builtin_mul_overflow(elements, static_cast<uint64_t>(DTypeBits(dtype)), &bits))
     return Status(ErrorCode::kCorruptData, "shape x dtype size overflows 64 bits");
   if (bits % 8 != 0)
-    return Status(ErrorCode::kCorruptData,
-                  fmt::format("{} elements of {} do not fill whole bytes", elements,
-                              DTypeName(dtype)));
+    return Status(ErrorCode::kCorruptData, fmt::format("{} elements of {} do not fill whole bytes",
+                                                       elements, DTypeName(dtype)));
   return bits / 8;
 }
 
@@ -32,7 +31,9 @@ nlohmann::json ManifestToJson(const std::vector<ManifestTensor>& tensors) {
 
 Result<std::vector<ManifestTensor>> ManifestFromJson(const nlohmann::json& tensors,
                                                      uint64_t arena_size) {
-  auto bad = [](const std::string& what) { return Status(ErrorCode::kProtocol, "manifest: " + what); };
+  auto bad = [](const std::string& what) {
+    return Status(ErrorCode::kProtocol, "manifest: " + what);
+  };
   if (!tensors.is_array()) return bad("tensors is not an array");
   std::vector<ManifestTensor> out;
   out.reserve(tensors.size());
@@ -58,7 +59,8 @@ Result<std::vector<ManifestTensor>> ManifestFromJson(const nlohmann::json& tenso
     t.shape.reserve(shape.size());
     for (const auto& d : shape) {
       if (!d.is_number_unsigned())
-        return bad(fmt::format("tensor \"{}\": shape entries must be non-negative integers", t.name));
+        return bad(
+            fmt::format("tensor \"{}\": shape entries must be non-negative integers", t.name));
       t.shape.push_back(d.get<uint64_t>());
     }
     t.offset = offset.get<uint64_t>();

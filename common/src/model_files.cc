@@ -6,9 +6,9 @@
 #include "wbroker/common/model_files.h"
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <set>
 #include <system_error>
 #include <utility>
@@ -136,22 +136,22 @@ Result<ShardIndex> ParseShardIndex(std::string_view label, std::string_view json
   // names a tensor twice is ambiguous, so the parse callback refuses them.
   std::vector<std::set<std::string>> keys_stack;
   std::string duplicate;
-  nlohmann::json::parser_callback_t on_event =
-      [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-        using E = nlohmann::json::parse_event_t;
-        if ((event == E::object_start || event == E::array_start) && depth >= kMaxIndexDepth) {
-          throw IndexTooDeep{};
-        }
-        if (event == E::object_start) {
-          keys_stack.emplace_back();
-        } else if (event == E::object_end) {
-          if (!keys_stack.empty()) keys_stack.pop_back();
-        } else if (event == E::key && !keys_stack.empty() && parsed.is_string()) {
-          const std::string& key = parsed.get_ref<const std::string&>();
-          if (!keys_stack.back().insert(key).second && duplicate.empty()) duplicate = key;
-        }
-        return true;
-      };
+  nlohmann::json::parser_callback_t on_event = [&](int depth, nlohmann::json::parse_event_t event,
+                                                   nlohmann::json& parsed) {
+    using E = nlohmann::json::parse_event_t;
+    if ((event == E::object_start || event == E::array_start) && depth >= kMaxIndexDepth) {
+      throw IndexTooDeep{};
+    }
+    if (event == E::object_start) {
+      keys_stack.emplace_back();
+    } else if (event == E::object_end) {
+      if (!keys_stack.empty()) keys_stack.pop_back();
+    } else if (event == E::key && !keys_stack.empty() && parsed.is_string()) {
+      const std::string& key = parsed.get_ref<const std::string&>();
+      if (!keys_stack.back().insert(key).second && duplicate.empty()) duplicate = key;
+    }
+    return true;
+  };
 
   nlohmann::json doc;
   try {

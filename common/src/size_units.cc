@@ -12,31 +12,35 @@ namespace wbroker {
 
 Result<uint64_t> ParseByteSize(std::string_view text) {
   auto bad = [&](std::string_view why) {
-    return Status(ErrorCode::kInvalidArgument,
-                  fmt::format("invalid size \"{}\": {}", text, why));
+    return Status(ErrorCode::kInvalidArgument, fmt::format("invalid size \"{}\": {}", text, why));
   };
   std::string_view s = text;
   while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
   while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
   if (s.empty()) return bad("empty");
   size_t num_end = 0;
-  while (num_end < s.size() && (std::isdigit(static_cast<unsigned char>(s[num_end])) || s[num_end] == '.'))
+  while (num_end < s.size() &&
+         (std::isdigit(static_cast<unsigned char>(s[num_end])) || s[num_end] == '.'))
     ++num_end;
   if (num_end == 0) return bad("expected a number");
   double value = 0;
   auto [ptr, ec] = std::from_chars(s.data(), s.data() + num_end, value);
   if (ec != std::errc() || ptr != s.data() + num_end) return bad("expected a number");
   std::string unit(s.substr(num_end));
-  unit.erase(std::remove_if(unit.begin(), unit.end(), [](unsigned char c) { return std::isspace(c); }),
-             unit.end());
-  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return std::tolower(c); });
+  unit.erase(
+      std::remove_if(unit.begin(), unit.end(), [](unsigned char c) { return std::isspace(c); }),
+      unit.end());
+  std::transform(unit.begin(), unit.end(), unit.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
   double mult = 0;
   if (unit.empty() || unit == "b") mult = 1;
   const char* prefixes = "kmgt";
   for (int i = 0; i < 4 && mult == 0; ++i) {
     std::string p(1, prefixes[i]);
-    if (unit == p || unit == p + "ib") mult = std::pow(1024.0, i + 1);
-    else if (unit == p + "b") mult = std::pow(1000.0, i + 1);
+    if (unit == p || unit == p + "ib")
+      mult = std::pow(1024.0, i + 1);
+    else if (unit == p + "b")
+      mult = std::pow(1000.0, i + 1);
   }
   if (mult == 0) return bad("unknown unit (use B, K/KiB, M/MiB, G/GiB, T/TiB, KB, MB, GB, TB)");
   double bytes = value * mult;

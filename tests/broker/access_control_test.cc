@@ -2,12 +2,13 @@
 // wbrokerd, with clients running as other users. The tests run as root and
 // fork children that drop to unprivileged ids (setgroups/setgid/setuid)
 // before they connect; without root they skip.
-#include <fmt/format.h>
-#include <gmock/gmock.h>
 #include <grp.h>
-#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <cstring>
 #include <functional>

@@ -29,18 +29,15 @@ namespace {
 using client::Client;
 using client::ClientOptions;
 using client::Lease;
-using ::testing::HasSubstr;
 using nlohmann::json;
+using ::testing::HasSubstr;
 
 /// Tensors covering several dtypes and shapes, including a scalar and odd sizes.
 std::vector<FixtureTensor> GoodTensors() {
   return {
-      {"embed.weight", DType::kBF16, {33, 16}, ""},
-      {"layer.0.bias", DType::kF32, {7}, ""},
-      {"layer.0.mask", DType::kBool, {5, 3}, ""},
-      {"layer.0.ids", DType::kI64, {3}, ""},
-      {"layer.0.scale", DType::kF16, {}, ""},
-      {"layer.0.q", DType::kF8_E4M3, {9, 9}, ""},
+      {"embed.weight", DType::kBF16, {33, 16}, ""}, {"layer.0.bias", DType::kF32, {7}, ""},
+      {"layer.0.mask", DType::kBool, {5, 3}, ""},   {"layer.0.ids", DType::kI64, {3}, ""},
+      {"layer.0.scale", DType::kF16, {}, ""},       {"layer.0.q", DType::kF8_E4M3, {9, 9}, ""},
       {"layer.0.u", DType::kU8, {1000}, ""},
   };
 }
@@ -119,7 +116,8 @@ TEST_F(BrokerE2E, AttachGivesByteExactTensorsAndFullCommit) {
   EXPECT_EQ((*lease)->revision(), good_commit_);
   EXPECT_EQ((*lease)->device(), "cpu");
   EXPECT_EQ((*lease)->backend(), "host");
-  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path((*lease)->snapshot_dir()) / "config.json"));
+  EXPECT_TRUE(
+      std::filesystem::exists(std::filesystem::path((*lease)->snapshot_dir()) / "config.json"));
   ExpectGoodContents(**lease);
   auto row = ModelRow(*c, "org/good");
   EXPECT_EQ(row["leases"], 1);
@@ -203,7 +201,7 @@ TEST_F(BrokerE2E, EightProcessesShareOneCopy) {
   constexpr uint64_t kBytes = 64ull << 20;
   HubRepoBuilder big(cache_, "org/big");
   big.SetRef("main", big.AddCommit({{"model.safetensors",
-                                      SerializeSafetensors({{"w", DType::kU8, {kBytes}, ""}})}}));
+                                     SerializeSafetensors({{"w", DType::kU8, {kBytes}, ""}})}}));
   BrokerProcess broker(Opts());
   constexpr int kClients = 8;
   // Two barriers: nobody measures before all have mapped, and nobody exits
@@ -426,7 +424,8 @@ TEST_F(BrokerE2E, WritesThroughAClientMappingAreImpossible) {
   ASSERT_TRUE(fd.ok());
   ASSERT_TRUE(WriteFrameBlocking(fd->get(), {{"op", "hello"}, {"protocol", 1}}).ok());
   ASSERT_TRUE(ReadFrameBlocking(fd->get(), kDefaultMaxFrameBytes, 8).ok());
-  ASSERT_TRUE(WriteFrameBlocking(fd->get(), {{"op", "attach"}, {"model", "org/good"}, {"id", 7}}).ok());
+  ASSERT_TRUE(
+      WriteFrameBlocking(fd->get(), {{"op", "attach"}, {"model", "org/good"}, {"id", 7}}).ok());
   auto reply = ReadFrameBlocking(fd->get(), kDefaultMaxFrameBytes, 8);
   ASSERT_TRUE(reply.ok()) << reply.status().ToString();
   ASSERT_EQ(reply->fds.size(), 1u);
@@ -543,8 +542,8 @@ TEST_F(BrokerE2E, LoadOnAttachOffRequiresAnExplicitLoad) {
 
 TEST_F(BrokerE2E, PreloadFromConfigIsReadyBeforeAnyAttach) {
   auto cfg = dir_.path() / "wbrokerd.toml";
-  WriteFile(cfg, "[[preload]]\nmodel = \"org/good\"\nrevision = \"" + good_commit_.substr(0, 9) +
-                     "\"\n");
+  WriteFile(
+      cfg, "[[preload]]\nmodel = \"org/good\"\nrevision = \"" + good_commit_.substr(0, 9) + "\"\n");
   BrokerProcess broker(Opts({"--config", cfg.string()}));
   auto c = Connect();
   json row;

@@ -387,9 +387,9 @@ model = "/srv/models/private"
 }
 
 TEST(Config, UnknownGroupsAreRefusedByName) {
-  EXPECT_THAT(Refusal("[[access]]\nmodel = \"org/a\"\ngroups = [\"root\", \"no-such-grp-wb\"]")
-                  .message(),
-              AllOf(HasSubstr("access[0].groups"), HasSubstr("\"no-such-grp-wb\" does not exist")));
+  EXPECT_THAT(
+      Refusal("[[access]]\nmodel = \"org/a\"\ngroups = [\"root\", \"no-such-grp-wb\"]").message(),
+      AllOf(HasSubstr("access[0].groups"), HasSubstr("\"no-such-grp-wb\" does not exist")));
   EXPECT_THAT(Refusal("admin_group = \"no-such-grp-wb\"").message(),
               AllOf(HasSubstr("admin_group"), HasSubstr("\"no-such-grp-wb\" does not exist")));
 }
@@ -397,8 +397,7 @@ TEST(Config, UnknownGroupsAreRefusedByName) {
 TEST(Config, AccessRulesRefuseUnknownKeysAndBadModels) {
   EXPECT_THAT(Refusal("[[access]]\nmodel = \"org/a\"\nusers = [1]").message(),
               AllOf(HasSubstr("access[0].users"), HasSubstr("unknown")));
-  EXPECT_THAT(Refusal("[[access]]\nmodel = \"a/b/c\"").message(),
-              HasSubstr("access[0].model"));
+  EXPECT_THAT(Refusal("[[access]]\nmodel = \"a/b/c\"").message(), HasSubstr("access[0].model"));
   EXPECT_THAT(Refusal("[[access]]\nmodel = \"relative/../dir\"").message(),
               HasSubstr("access[0].model"));
 }

@@ -3,13 +3,14 @@
 // connection where the protocol requires it, leak no descriptor, and leave the
 // broker serving correct bytes to the next well-behaved client.
 #include <fcntl.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
@@ -776,13 +777,12 @@ TEST_F(HostileClients, EveryLimitHasAFlagListedInHelp) {
                                  HasSubstr("(default 10000)"), HasSubstr("(default 1024)"),
                                  HasSubstr("(default 0 = never)")));
   // Out-of-range values stop the start, naming the flag.
-  for (const char* bad : {"--max-leases-per-client 0", "--max-connections 0",
-                          "--max-frame-bytes 100", "--hello-timeout-ms 0",
-                          "--idle-timeout-ms -1"}) {
+  for (const char* bad :
+       {"--max-leases-per-client 0", "--max-connections 0", "--max-frame-bytes 100",
+        "--hello-timeout-ms 0", "--idle-timeout-ms -1"}) {
     CommandResult r = RunCommand(BuiltBinary("wbrokerd") + " --version " + bad);
     EXPECT_NE(r.exit_code, 0) << bad << ": " << r.output;
-    EXPECT_THAT(r.output, HasSubstr(std::string(bad).substr(0, std::string(bad).find(' '))))
-        << bad;
+    EXPECT_THAT(r.output, HasSubstr(std::string(bad).substr(0, std::string(bad).find(' ')))) << bad;
   }
 }
 

@@ -1,10 +1,11 @@
 // wbroker lifecycle tests: LRU eviction under --max-memory, revision hot swap
 // (load --replace, superseded events, reload/SIGHUP), against the real
 // wbrokerd binary with real client connections.
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>

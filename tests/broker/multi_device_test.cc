@@ -1,10 +1,11 @@
 // wbroker tests: one broker serving several devices (an arena per device).
 // Without a GPU, the fake CUDA driver (tests/support/fake_cuda, two GPUs by
 // default) provides cuda:0 and cuda:1; host memory ("cpu") is the third.
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <stdlib.h>
 #include <sys/wait.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>

@@ -3,14 +3,15 @@
 // fields (broker/progress_stream.h), the metric families and the listen
 // address (broker/metrics.h, config), and wbrokerctl's progress bar
 // (tools/progress_view.h). End to end: tests/broker/test_observability.py.
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/connect_pair.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
 #include <thread>
 
 #include "config.h"

@@ -5,11 +5,12 @@
 // and no client ever read a wrong byte.
 //
 // WBROKER_SOAK_SECONDS sets the duration (default 20; CI runs the default).
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstring>

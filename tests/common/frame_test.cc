@@ -5,12 +5,13 @@
 
 #include <fcntl.h>
 #include <grp.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstring>
@@ -435,8 +436,7 @@ TEST(FdSocket, PeerCredentialsAreOurs) {
   // SO_PEERGROUPS: our supplementary groups, as the kernel has them.
   ASSERT_TRUE(cred->groups_known) << "kernel without SO_PEERGROUPS (< 4.13)?";
   std::vector<gid_t> ours(static_cast<size_t>(::getgroups(0, nullptr)));
-  ASSERT_EQ(::getgroups(static_cast<int>(ours.size()), ours.data()),
-            static_cast<int>(ours.size()));
+  ASSERT_EQ(::getgroups(static_cast<int>(ours.size()), ours.data()), static_cast<int>(ours.size()));
   std::sort(ours.begin(), ours.end());
   std::vector<gid_t> theirs = cred->groups;
   std::sort(theirs.begin(), theirs.end());

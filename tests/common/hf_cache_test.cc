@@ -3,11 +3,12 @@
 // hub fixture lays files out the way huggingface_hub does.
 #include "wbroker/common/hf_cache.h"
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <pwd.h>
 #include <stdlib.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <map>
 #include <string>

@@ -9,10 +9,11 @@
 //     VMM/IPC choice, out-of-range ordinals and forced-but-unsupported VMM,
 //     all without a GPU.
 #include <fcntl.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include "backend.h"
 #include "broker_process.h"

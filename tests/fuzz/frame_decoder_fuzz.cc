@@ -13,9 +13,10 @@
 // survive an EncodeFrame/decode round trip unchanged.
 #include <sys/socket.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cstdint>
-#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <string_view>

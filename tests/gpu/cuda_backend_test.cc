@@ -9,12 +9,13 @@
 // Worker processes are fork+exec'ed (wbroker_cuda_worker_check), never just
 // forked: CUDA does not survive fork() in a process that initialized it.
 #include <fcntl.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 
 #include <chrono>
 #include <cmath>

@@ -41,8 +41,12 @@ std::string BuiltBinary(const std::string& name) {
 BrokerProcess::BrokerProcess(Options options) : options_(std::move(options)) {
   log_path_ = options_.socket;
   log_path_ += ".log";
-  std::vector<std::string> args = {BuiltBinary("wbrokerd"), "--socket", options_.socket.string(),
-                                   "--cache-dir", options_.cache_dir.string(), "--log-level",
+  std::vector<std::string> args = {BuiltBinary("wbrokerd"),
+                                   "--socket",
+                                   options_.socket.string(),
+                                   "--cache-dir",
+                                   options_.cache_dir.string(),
+                                   "--log-level",
                                    "debug"};
   // Host memory unless a test asks for a device: on a GPU machine "auto"
   // would pick the GPU, and these tests read tensors through host pointers.

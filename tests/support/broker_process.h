@@ -20,12 +20,12 @@ std::string BuiltBinary(const std::string& name);
 class BrokerProcess {
  public:
   struct Options {
-    std::filesystem::path socket;             ///< --socket
-    std::filesystem::path cache_dir;          ///< --cache-dir
-    std::vector<std::string> extra_args;      ///< more flags
-    std::map<std::string, std::string> env;   ///< extra environment
-    bool wait_ready = true;                   ///< wait for the socket to answer
-    int listen_fd = -1;                       ///< pass as fd 3 with LISTEN_FDS=1
+    std::filesystem::path socket;            ///< --socket
+    std::filesystem::path cache_dir;         ///< --cache-dir
+    std::vector<std::string> extra_args;     ///< more flags
+    std::map<std::string, std::string> env;  ///< extra environment
+    bool wait_ready = true;                  ///< wait for the socket to answer
+    int listen_fd = -1;                      ///< pass as fd 3 with LISTEN_FDS=1
   };
 
   explicit BrokerProcess(Options options);

@@ -2,8 +2,9 @@
 // blob naming and relative snapshot symlinks that huggingface_hub writes.
 #include "hub_fixture.h"
 
-#include <gtest/gtest.h>
 #include <openssl/evp.h>
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdlib>

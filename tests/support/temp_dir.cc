@@ -1,7 +1,8 @@
 #include "temp_dir.h"
 
-#include <gtest/gtest.h>
 #include <stdlib.h>
+
+#include <gtest/gtest.h>
 
 #include <fstream>
 #include <sstream>

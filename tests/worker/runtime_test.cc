@@ -7,15 +7,16 @@
 // (cached under <build>/tests/runtime-reference, keyed by the scripts'
 // contents, guarded by a lock for parallel ctest). Every test skips, saying
 // why, when `python3` on PATH cannot import torch/transformers.
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 #include <sys/file.h>
 #include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <fstream>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 

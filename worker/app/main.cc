@@ -5,16 +5,17 @@
 // Start-up: connect to the broker, attach the model, bind, then tell systemd
 // READY=1. SIGTERM/SIGINT stop accepting, drain requests in flight, exit 0.
 // libtorch stays behind torch_engine.h, so this file builds without it.
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
-#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <algorithm>
-#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <systemd/sd-daemon.h>
+
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -126,7 +127,7 @@ class RevisionFollower {
     if (current_) {
       if (!event->new_revision.empty())
         spdlog::info("{}@{} was replaced by {} at the broker: re-attaching", event->model,
-                   event->revision.substr(0, 12), event->new_revision.substr(0, 12));
+                     event->revision.substr(0, 12), event->new_revision.substr(0, 12));
       sd_notifyf(0, "STATUS=switching to %s@%s", event->model.c_str(), event->new_revision.c_str());
     }
     if (event->release_first && current_) {

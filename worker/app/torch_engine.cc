@@ -3,12 +3,12 @@
 
 #include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <span>
@@ -301,7 +301,9 @@ std::string TorchEngine::weights_source() const {
   return state_->source;
 }
 
-bool TorchEngine::LeaseLost() const { return state_->lease && state_->lease->released(); }
+bool TorchEngine::LeaseLost() const {
+  return state_->lease && state_->lease->released();
+}
 
 std::optional<client::SupersededEvent> TorchEngine::Superseded() const {
   return state_->lease ? state_->lease->superseded_event() : std::nullopt;

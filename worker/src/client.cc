@@ -155,13 +155,11 @@ class Connection {
 
   Result<nlohmann::json> OpenLocked() {
     WB_ASSIGN_OR_RETURN(fd_, ConnectUnixSocket(path_));
-    WB_ASSIGN_OR_RETURN(
-        Frame hello,
-        CallLocked({{"op", "hello"},
-                    {"protocol", kProtocolVersion},
-                    {"client", client_name_},
-                    {"events", {"superseded"}}},
-                   {}));
+    WB_ASSIGN_OR_RETURN(Frame hello, CallLocked({{"op", "hello"},
+                                                 {"protocol", kProtocolVersion},
+                                                 {"client", client_name_},
+                                                 {"events", {"superseded"}}},
+                                                {}));
     Status s = ReplyStatus(hello.body);
     if (!s.ok()) {
       fd_.reset();
@@ -264,14 +262,14 @@ class Connection {
     return s;
   }
 
-  std::mutex mu_;                  ///< serializes calls and guards leases_
-  UniqueFd fd_;                    ///< the socket; empty once broken
-  const std::string path_;         ///< for connects and messages
-  const ClientOptions options_;    ///< timeout and reconnect policy
-  const std::string client_name_;  ///< sent with every hello
-  uint64_t next_id_ = 1;           ///< request ids
-  std::set<Lease*> leases_;        ///< live leases to re-register (not owned)
-  mutable std::mutex events_mu_;   ///< guards superseded_ and handler_
+  std::mutex mu_;                                        ///< serializes calls and guards leases_
+  UniqueFd fd_;                                          ///< the socket; empty once broken
+  const std::string path_;                               ///< for connects and messages
+  const ClientOptions options_;                          ///< timeout and reconnect policy
+  const std::string client_name_;                        ///< sent with every hello
+  uint64_t next_id_ = 1;                                 ///< request ids
+  std::set<Lease*> leases_;                              ///< live leases to re-register (not owned)
+  mutable std::mutex events_mu_;                         ///< guards superseded_ and handler_
   std::map<uint64_t, SupersededEvent> superseded_;       ///< lease id -> its notice
   std::function<void(const SupersededEvent&)> handler_;  ///< Client::SetSupersededHandler
 };
@@ -435,11 +433,10 @@ Result<std::unique_ptr<Lease>> Client::AttachOnce(const std::string& model,
   struct stat st {};
   if (::fstat(fd, &st) != 0) return ErrnoStatus("fstat arena fd");
   if (static_cast<uint64_t>(st.st_size) < lease->arena_size_)
-    return Status(ErrorCode::kProtocol,
-                  fmt::format("arena fd holds {} bytes, descriptor says {}", st.st_size,
-                              lease->arena_size_));
-  WB_ASSIGN_OR_RETURN(auto tensors, ManifestFromJson(body.value("tensors", nlohmann::json()),
-                                                     lease->arena_size_));
+    return Status(ErrorCode::kProtocol, fmt::format("arena fd holds {} bytes, descriptor says {}",
+                                                    st.st_size, lease->arena_size_));
+  WB_ASSIGN_OR_RETURN(
+      auto tensors, ManifestFromJson(body.value("tensors", nlohmann::json()), lease->arena_size_));
   // Read-only shared mapping: the arena is sealed against writes, and PROT_READ
   // makes a stray store fault here instead of even trying.
   WB_ASSIGN_OR_RETURN(MappedRegion map,

@@ -3,9 +3,10 @@
 // this header: the mapping is owned through a type-erased shared_ptr.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 

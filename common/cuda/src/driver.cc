@@ -2,6 +2,7 @@
 #include "wbroker/cuda/driver.h"
 
 #include <dlfcn.h>
+
 #include <fmt/format.h>
 
 #include <algorithm>

@@ -1,11 +1,11 @@
 // wbroker HTTP worker: the API routes.
 #include "wbroker/http/api_router.h"
 
+#include <boost/beast/http/field.hpp>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <boost/beast/http/field.hpp>
 #include <charconv>
 #include <ctime>
 #include <exception>

@@ -1,10 +1,10 @@
 // wbroker HTTP worker: the compute thread pool.
 #include "wbroker/http/compute_pool.h"
 
+#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <boost/asio/post.hpp>
 #include <exception>
 
 namespace wbroker::http {

@@ -1,8 +1,6 @@
 // wbroker HTTP worker: one client connection.
 #include "wbroker/http/http_connection.h"
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
 #include <boost/asio/dispatch.hpp>
@@ -15,6 +13,9 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
 #include <boost/beast/version.hpp>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
 #include <cerrno>
 #include <exception>
 #include <sstream>

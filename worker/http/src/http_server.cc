@@ -1,14 +1,15 @@
 // wbroker HTTP worker: the HTTP server.
 #include "wbroker/http/http_server.h"
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/detail/socket_option.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/post.hpp>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
 #include <exception>
 #include <thread>
 #include <vector>

@@ -1,9 +1,10 @@
 // wbroker runtime: the generation loop (prefill, then one token per step).
 #include "wbroker/runtime/generator.h"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 namespace wbroker::runtime {

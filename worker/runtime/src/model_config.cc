@@ -1,9 +1,10 @@
 // wbroker runtime: config.json parsing for decoders and BERT encoders.
 #include "wbroker/runtime/model_config.h"
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 namespace wbroker::runtime {

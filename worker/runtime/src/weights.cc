@@ -1,11 +1,12 @@
 // wbroker runtime: at::Tensor views over broker leases and safetensors files.
 #include "wbroker/runtime/weights.h"
 
-#include <ATen/ops/from_blob.h>
-#include <c10/core/Device.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <ATen/ops/from_blob.h>
+#include <c10/core/Device.h>
 
 #include <cstdlib>
 #include <cstring>

@@ -2,8 +2,9 @@
 // encode/decode pipeline.
 #include "wbroker/tokenizer/tokenizer.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
+
+#include <fstream>
 #include <sstream>
 
 #include "wbroker/tokenizer/added_vocabulary.h"

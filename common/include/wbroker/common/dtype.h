@@ -35,11 +35,11 @@ enum class DType : uint8_t {
 
 /// All dtypes, for tests and conformance loops.
 inline constexpr DType kAllDTypes[] = {
-    DType::kBool,       DType::kU8,         DType::kI8,      DType::kI16,     DType::kU16,
-    DType::kF16,        DType::kBF16,       DType::kI32,     DType::kU32,     DType::kF32,
-    DType::kF64,        DType::kI64,        DType::kU64,     DType::kC64,     DType::kF8_E4M3,
-    DType::kF8_E5M2,    DType::kF8_E4M3FNUZ, DType::kF8_E5M2FNUZ, DType::kF8_E8M0, DType::kF4,
-    DType::kF6_E2M3,    DType::kF6_E3M2,
+    DType::kBool,    DType::kU8,          DType::kI8,          DType::kI16,     DType::kU16,
+    DType::kF16,     DType::kBF16,        DType::kI32,         DType::kU32,     DType::kF32,
+    DType::kF64,     DType::kI64,         DType::kU64,         DType::kC64,     DType::kF8_E4M3,
+    DType::kF8_E5M2, DType::kF8_E4M3FNUZ, DType::kF8_E5M2FNUZ, DType::kF8_E8M0, DType::kF4,
+    DType::kF6_E2M3, DType::kF6_E3M2,
 };
 
 /// The safetensors spelling ("BF16", "F8_E4M3", ...).

@@ -3,13 +3,13 @@
 
 #include <sys/types.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cstddef>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/status.h"
 #include "wbroker/common/unique_fd.h"
@@ -18,9 +18,9 @@ namespace wbroker {
 
 /// Bytes and descriptors from one recvmsg().
 struct RecvChunk {
-  size_t bytes = 0;            ///< bytes stored; 0 with !would_block means EOF
-  bool would_block = false;    ///< non-blocking socket had nothing to read
-  std::vector<UniqueFd> fds;   ///< descriptors that arrived with these bytes
+  size_t bytes = 0;           ///< bytes stored; 0 with !would_block means EOF
+  bool would_block = false;   ///< non-blocking socket had nothing to read
+  std::vector<UniqueFd> fds;  ///< descriptors that arrived with these bytes
 };
 
 /// One recvmsg() into buf[0..len). Every control message is validated
@@ -41,8 +41,8 @@ Result<size_t> SendSomeWithFds(int sock, std::string_view data, std::span<const 
 
 /// A received frame: parsed JSON body and the fds sent with it.
 struct Frame {
-  nlohmann::json body;         ///< the JSON object
-  std::vector<UniqueFd> fds;   ///< fds that arrived with the header
+  nlohmann::json body;        ///< the JSON object
+  std::vector<UniqueFd> fds;  ///< fds that arrived with the header
 };
 
 /// Blocking read of one whole frame. EOF before any byte -> kUnavailable
@@ -59,11 +59,11 @@ Result<UniqueFd> ConnectUnixSocket(const std::string& path);
 
 /// Peer credentials of a connected AF_UNIX socket, as of its connect().
 struct PeerCredentials {
-  pid_t pid = 0;               ///< SO_PEERCRED
-  uid_t uid = 0;               ///< SO_PEERCRED (effective uid)
-  gid_t gid = 0;               ///< SO_PEERCRED (effective, primary gid)
-  std::vector<gid_t> groups;   ///< supplementary groups (SO_PEERGROUPS); empty if unknown
-  bool groups_known = false;   ///< false when the kernel has no SO_PEERGROUPS (< 4.13)
+  pid_t pid = 0;              ///< SO_PEERCRED
+  uid_t uid = 0;              ///< SO_PEERCRED (effective uid)
+  gid_t gid = 0;              ///< SO_PEERCRED (effective, primary gid)
+  std::vector<gid_t> groups;  ///< supplementary groups (SO_PEERGROUPS); empty if unknown
+  bool groups_known = false;  ///< false when the kernel has no SO_PEERGROUPS (< 4.13)
 };
 /// SO_PEERCRED plus SO_PEERGROUPS. A kernel without SO_PEERGROUPS leaves
 /// `groups` empty and `groups_known` false; any other failure is an error.

@@ -13,13 +13,13 @@
 // (format in docs/operations.md, "Load progress").
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/status.h"
 

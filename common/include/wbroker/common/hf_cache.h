@@ -42,9 +42,9 @@ Status ValidateRepoId(std::string_view repo_id);
 
 /// A model resolved to one snapshot on disk.
 struct ResolvedModel {
-  std::string model;               ///< as asked: repo id or absolute path
-  std::string requested_revision;  ///< as asked ("main" when none was given)
-  std::string commit;              ///< full 40-hex commit; "" for a local dir without metadata
+  std::string model;                   ///< as asked: repo id or absolute path
+  std::string requested_revision;      ///< as asked ("main" when none was given)
+  std::string commit;                  ///< full 40-hex commit; "" for a local dir without metadata
   std::filesystem::path repo_dir;      ///< models--org--name, or the local dir itself
   std::filesystem::path snapshot_dir;  ///< snapshots/<commit>, or the local dir itself
   bool local_dir = false;              ///< true for the --local-dir layout

@@ -1,11 +1,11 @@
 // wbroker: the tensor manifest a client gets with an arena.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/dtype.h"
 #include "wbroker/common/status.h"

@@ -28,9 +28,9 @@ Result<ShardIndex> ParseShardIndex(std::string_view label, std::string_view json
 
 /// One weight file of a model, validated.
 struct WeightFile {
-  std::string name;             ///< name relative to the snapshot ("model-00001-of-00002.safetensors")
-  std::filesystem::path path;   ///< canonical path of the file's content (the blob)
-  SafetensorsHeader header;     ///< its validated header
+  std::string name;  ///< name relative to the snapshot ("model-00001-of-00002.safetensors")
+  std::filesystem::path path;  ///< canonical path of the file's content (the blob)
+  SafetensorsHeader header;    ///< its validated header
 };
 
 /// All weight files of one model snapshot.

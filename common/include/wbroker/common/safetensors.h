@@ -36,9 +36,9 @@ struct TensorInfo {
 
 /// A validated safetensors header.
 struct SafetensorsHeader {
-  uint64_t header_bytes = 0;  ///< N, the JSON length from the 8-byte prefix
-  uint64_t data_start = 0;    ///< 8 + N: file offset of the data section
-  uint64_t file_size = 0;     ///< total file size the header was checked against
+  uint64_t header_bytes = 0;                    ///< N, the JSON length from the 8-byte prefix
+  uint64_t data_start = 0;                      ///< 8 + N: file offset of the data section
+  uint64_t file_size = 0;                       ///< total file size the header was checked against
   std::vector<TensorInfo> tensors;              ///< sorted by begin
   std::map<std::string, std::string> metadata;  ///< `__metadata__`, may be empty
 
@@ -49,8 +49,8 @@ struct SafetensorsHeader {
 /// (at least 8 + N of them, or the whole file when it is shorter); `file_size`
 /// is the size of the whole file. `label` (usually the file path) starts every
 /// error message, which then names the rule broken.
-Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view label,
-                                                 std::string_view prefix, uint64_t file_size);
+Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view label, std::string_view prefix,
+                                                 uint64_t file_size);
 
 /// Opens `path`, reads its header with pread and validates it against the file size.
 Result<SafetensorsHeader> ReadSafetensorsFile(const std::filesystem::path& path);

@@ -66,7 +66,7 @@ Status ErrnoStatus(std::string_view what, int err = errno);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : v_(std::move(value)) {}        // NOLINT(google-explicit-constructor)
   Result(Status status) : v_(std::move(status)) {  // NOLINT(google-explicit-constructor)
     if (std::get<Status>(v_).ok()) v_ = Status(ErrorCode::kInternal, "Result built from ok Status");
   }
@@ -94,10 +94,10 @@ class [[nodiscard]] Result {
 #define WB_CONCAT_(a, b) WB_CONCAT_INNER_(a, b)
 
 /// Returns the Status from the enclosing function when `expr` is an error.
-#define WB_RETURN_IF_ERROR(expr)                  \
-  do {                                            \
-    ::wbroker::Status wb_status_ = (expr);        \
-    if (!wb_status_.ok()) return wb_status_;      \
+#define WB_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::wbroker::Status wb_status_ = (expr);   \
+    if (!wb_status_.ok()) return wb_status_; \
   } while (0)
 
 #define WB_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \

@@ -8,6 +8,8 @@
 
 #include <sys/types.h>
 
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -16,8 +18,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "wbroker/common/dtype.h"
 #include "wbroker/common/mapping.h"
@@ -106,9 +106,9 @@ class Lease {
   friend struct LeaseAccess;
   Lease() = default;
 
-  std::shared_ptr<Connection> conn_;   ///< for the release message
-  uint64_t id_ = 0;                    ///< broker lease id
-  bool released_ = false;              ///< Release() done
+  std::shared_ptr<Connection> conn_;  ///< for the release message
+  uint64_t id_ = 0;                   ///< broker lease id
+  bool released_ = false;             ///< Release() done
   std::string model_, revision_, snapshot_, device_, backend_;
   std::string requested_revision_;         ///< as passed to Attach
   uint64_t arena_size_ = 0;                ///< mapped length
@@ -116,10 +116,10 @@ class Lease {
   std::vector<TensorView> tensors_;        ///< manifest with pointers
   std::map<std::string, size_t> by_name_;  ///< name -> index in tensors_
   std::map<std::string, std::string> metadata_;
-  MappedRegion mapping_;               ///< the read-only arena mapping, unmapped with the Lease
-  std::string device_uuid_;            ///< GPU arenas: the device's UUID
-  std::string broker_device_;          ///< the device in the broker's numbering (for reattach)
-  UniqueFd memfd_;                     ///< host arenas: a dup of the memfd, handed back by reattach
+  MappedRegion mapping_;       ///< the read-only arena mapping, unmapped with the Lease
+  std::string device_uuid_;    ///< GPU arenas: the device's UUID
+  std::string broker_device_;  ///< the device in the broker's numbering (for reattach)
+  UniqueFd memfd_;             ///< host arenas: a dup of the memfd, handed back by reattach
   /// GPU arenas: owner of the imported mapping (type-erased so that no CUDA
   /// type appears here); unmapped before the lease is released.
   std::shared_ptr<void> device_import_;
@@ -127,8 +127,8 @@ class Lease {
 
 /// Connection options.
 struct ClientOptions {
-  std::string socket_path;  ///< "" = $WBROKER_SOCKET, else /run/wbroker/wbroker.sock
-  std::string client_name;  ///< shown in `wbrokerctl status`
+  std::string socket_path;               ///< "" = $WBROKER_SOCKET, else /run/wbroker/wbroker.sock
+  std::string client_name;               ///< shown in `wbrokerctl status`
   std::chrono::milliseconds timeout{0};  ///< per request; 0 = wait forever (loads can be slow)
   /// When the broker goes away (restart, crash), the next call reconnects
   /// and re-registers every live lease ("reattach"; host leases hand their

@@ -2,8 +2,9 @@
 // threads, with a bound on how much work may wait for them.
 #pragma once
 
-#include <atomic>
 #include <boost/asio/thread_pool.hpp>
+
+#include <atomic>
 #include <cstddef>
 #include <functional>
 

@@ -2,11 +2,12 @@
 // the compute threads, the set of live connections, and graceful stop.
 #pragma once
 
-#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+
 #include <string_view>
 
 #include "wbroker/common/status.h"

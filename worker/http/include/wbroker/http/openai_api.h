@@ -3,8 +3,9 @@
 // objects. Pure functions: no engine, no sockets.
 #pragma once
 
-#include <cstdint>
 #include <nlohmann/json.hpp>
+
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>

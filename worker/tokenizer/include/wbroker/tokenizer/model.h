@@ -2,9 +2,10 @@
 // pre-tokenized word into ids, and the token <-> id vocabulary models share.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>

@@ -2,8 +2,9 @@
 // text before pre-tokenization: Unicode forms, lowercasing, BERT cleanup.
 #pragma once
 
-#include <memory>
 #include <nlohmann/json.hpp>
+
+#include <memory>
 #include <string>
 
 #include "wbroker/common/status.h"

@@ -2,9 +2,10 @@
 // adding special tokens around an encoded single sequence.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "wbroker/common/status.h"

@@ -2,8 +2,9 @@
 // cutting normalized text into the words the model tokenizes.
 #pragma once
 
-#include <memory>
 #include <nlohmann/json.hpp>
+
+#include <memory>
 #include <string>
 #include <vector>
 
