@@ -23,14 +23,15 @@ die() { printf 'install-deps: error: %s\n' "$*" >&2; exit 1; }
 # libsystemd, OpenSSL; PCRE2 and ICU for the tokenizers; prometheus-cpp for the
 # /metrics endpoints). Tests: GoogleTest
 # and GoogleMock, google-benchmark (bench/), systemd (systemd-analyze,
-# systemd-sysusers, systemd-tmpfiles for tests/systemd), python3 + venv + pip,
+# systemd-sysusers, systemd-tmpfiles for tests/systemd), clang-format (14 on
+# Debian 12: tests/style/check_format.sh), python3 + venv + pip,
 # ca-certificates so pip can reach PyPI over HTTPS.
 packages=(
   cmake ninja-build g++ pkg-config git
   libboost-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libtomlplusplus-dev
   libsystemd-dev libpcre2-dev libicu-dev libssl-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  systemd python3 python3-venv python3-pip ca-certificates
+  systemd clang-format python3 python3-venv python3-pip ca-certificates
 )
 # Pinned Python packages: scripts/requirements.txt.
 requirements=$repo/scripts/requirements.txt
