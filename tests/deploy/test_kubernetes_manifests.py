@@ -362,7 +362,7 @@ def test_dockerfile_build_packages_are_install_deps_packages():
     assert block, "scripts/install-deps.sh: packages=(...) not found"
     wanted = set(block.group(1).split())
     # Test-only packages: tests and benchmarks are not built in the image.
-    wanted -= {"libgtest-dev", "libgmock-dev", "libbenchmark-dev", "systemd"}
+    wanted -= {"libgtest-dev", "libgmock-dev", "libbenchmark-dev", "systemd", "clang-format"}
     run = next(ln for ln in _dockerfile_stage("build").splitlines() if "apt-get install" in ln)
     have = set(re.search(r"--no-install-recommends (.*?)&&", run).group(1).split())
     assert have == wanted, (f"Dockerfile lacks {sorted(wanted - have)}, "
