@@ -125,7 +125,8 @@ def render_load(args):
     if len(configs) > 1 or r.get("shmem_enabled_at_start") != configs[0]["shmem_enabled"]:
         lines += [f"The kernel's shmem huge page setting was `{r.get('shmem_enabled_at_start') or 'absent'}`; "
                   "the benchmark set `shmem_enabled` to each value below before each load "
-                  "(`--shmem-enabled`) and put it back at the end.", ""]
+                  f"(`bench/run-all --shmem-enabled {','.join(c['shmem_enabled'] for c in configs)}`, "
+                  "as root) and put it back at the end.", ""]
     lines += [f"| what ({r['file_bytes'] / GiB:.2f} GiB, page cache warm) | threads | seconds | GB/s |",
               "| --- | --- | --- | --- |"]
     best = max(((row, load) for row in r["load"] for load in row["loads"]),
