@@ -137,6 +137,10 @@ def render_load(args):
                   f"{row['page_cache_read_s']:.3f} | {row['page_cache_read_gbps']:.2f} |",
                   f"| read into fresh anonymous memory (what each process does when it loads its own "
                   f"copy) | {t} | {row['fresh_memory_read_s']:.3f} | {row['fresh_memory_read_gbps']:.2f} |"]
+        if "memory_write_gbps" in row:
+            lines.append(f"| `memset` of as many bytes into memory already mapped (the rate at which this "
+                         f"machine writes memory at all) | {t} | {row['memory_write_s']:.3f} | "
+                         f"{row['memory_write_gbps']:.2f} |")
         for load in row["loads"]:
             star = load is best
             what = f"broker load: {configs[load['config']]['fill']}, sealed memfd"
@@ -171,6 +175,10 @@ def render_load(args):
     lines.append(f"- Load >= 80% of the page-cache read rate (best page-cache read "
                  f"{r['best_page_cache_read_gbps']:.2f} GB/s; reading into fresh memory, what every process "
                  f"pays for its own copy, {r['best_fresh_memory_read_gbps']:.2f} GB/s):")
+    if "best_memory_write_gbps" in r:
+        lines[-1] = lines[-1][:-2] + (f"; writing memory that is already mapped, with nothing to read, "
+                                      f"{r['best_memory_write_gbps']:.2f} GB/s, which no load can beat "
+                                      f"since a load writes every byte once):")
     for c in configs:
         lines.append(f"  - {c['fill']}: {verdict(c['load_vs_read'] >= 0.8)}, {100 * c['load_vs_read']:.0f}% "
                      f"(best load {c['best_load_gbps']:.2f} GB/s; {100 * c['load_vs_fresh_read']:.0f}% of "
