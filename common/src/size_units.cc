@@ -34,15 +34,16 @@ Result<uint64_t> ParseByteSize(std::string_view text) {
                  [](unsigned char c) { return std::tolower(c); });
   double mult = 0;
   if (unit.empty() || unit == "b") mult = 1;
-  const char* prefixes = "kmgt";
-  for (int i = 0; i < 4 && mult == 0; ++i) {
+  const char* prefixes = "kmgtp";
+  for (int i = 0; i < 5 && mult == 0; ++i) {
     std::string p(1, prefixes[i]);
     if (unit == p || unit == p + "ib")
       mult = std::pow(1024.0, i + 1);
     else if (unit == p + "b")
       mult = std::pow(1000.0, i + 1);
   }
-  if (mult == 0) return bad("unknown unit (use B, K/KiB, M/MiB, G/GiB, T/TiB, KB, MB, GB, TB)");
+  if (mult == 0)
+    return bad("unknown unit (use B, K/KiB, M/MiB, G/GiB, T/TiB, P/PiB, KB, MB, GB, TB, PB)");
   double bytes = value * mult;
   if (!(bytes >= 0) || bytes >= 1.8e19) return bad("out of range");
   // Not llround(): it returns a signed 64-bit value, which overflows above 2^63.

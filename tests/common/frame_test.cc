@@ -622,6 +622,8 @@ TEST(SizeUnits, ParsesUnitsAndFractions) {
   EXPECT_EQ(Size("3MB"), 3000000u);
   EXPECT_EQ(Size("2TB"), 2000000000000u);
   EXPECT_EQ(Size("1T"), 1ull << 40);
+  EXPECT_EQ(Size("2PiB"), 2ull << 50);
+  EXPECT_EQ(Size("3PB"), 3000000000000000000ull / 1000);
   EXPECT_EQ(Size(" 2 GiB "), 2ull << 30);
   EXPECT_EQ(Size("2gib"), 2ull << 30);
   EXPECT_EQ(Size("0"), 0u);
@@ -635,7 +637,7 @@ TEST(SizeUnits, HugeButRepresentableSizesAreExact) {
 
 TEST(SizeUnits, RefusesBadInput) {
   for (const char* bad : {"", "   ", "-5", "-5G", "G", "5XB", "5 GiBs", "1.2.3G", ".", "5e3",
-                          "12 34", "0x10", "20000000TB", "5 PiB", "abc"}) {
+                          "12 34", "0x10", "20000000TB", "20000 PiB", "5 EiB", "abc"}) {
     auto r = ParseByteSize(bad);
     ASSERT_FALSE(r.ok()) << "\"" << bad << "\" parsed as " << *r;
     EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument) << bad;
@@ -657,7 +659,7 @@ TEST(SizeUnits, FormatBytes) {
 }
 
 TEST(SizeUnits, FormatThenParseRoundTripsWithinRounding) {
-  for (uint64_t v : {1ull << 20, 48ull << 30, 1536ull, 7ull << 40}) {
+  for (uint64_t v : {1ull << 20, 48ull << 30, 1536ull, 7ull << 40, 3ull << 50}) {
     std::string text = FormatBytes(v);
     auto back = ParseByteSize(text);
     ASSERT_TRUE(back.ok()) << text;
