@@ -42,8 +42,7 @@ Status PrepareSocketPath(const std::string& path) {
 
 Server::Server(boost::asio::io_context& io, const ServerOptions& options, RequestHandler& handler,
                ModelRegistry& registry)
-    : io_(io),
-      options_(options),
+    : options_(options),
       handler_(handler),
       registry_(registry),
       acceptor_(io),

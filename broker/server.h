@@ -64,7 +64,6 @@ class Server {
          ModelRegistry& registry);
   void DoAccept();
 
-  boost::asio::io_context& io_;                             ///< runs everything
   ServerOptions options_;                                   ///< as configured
   RequestHandler& handler_;                                 ///< request dispatch
   ModelRegistry& registry_;                                 ///< for sessions
