@@ -19,6 +19,7 @@
 #include "hub_fixture.h"
 #include "safetensors_writer.h"
 #include "temp_dir.h"
+#include "test_client.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/frame.h"
@@ -65,13 +66,7 @@ class BrokerE2E : public ::testing::Test {
     return o;
   }
 
-  std::unique_ptr<Client> Connect() {
-    ClientOptions o;
-    o.socket_path = socket_.string();
-    auto c = Client::Connect(o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    return c.ok() ? std::move(c).value() : nullptr;
-  }
+  std::unique_ptr<Client> Connect() { return ConnectClient(socket_); }
 
   json Status(Client& c) {
     auto st = c.Call({{"op", "status"}});

@@ -25,6 +25,7 @@
 #include "hub_fixture.h"
 #include "safetensors_writer.h"
 #include "temp_dir.h"
+#include "test_client.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/frame.h"
@@ -147,12 +148,7 @@ class HostileClients : public ::testing::Test {
   }
 
   std::unique_ptr<Client> Connect() {
-    ClientOptions o;
-    o.socket_path = socket_.string();
-    o.timeout = std::chrono::milliseconds(20000);
-    auto c = Client::Connect(o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    return c.ok() ? std::move(c).value() : nullptr;
+    return ConnectClient(socket_, std::chrono::milliseconds(20000));
   }
 
   UniqueFd RawConnect() {

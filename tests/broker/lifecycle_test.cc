@@ -17,6 +17,7 @@
 #include "hub_fixture.h"
 #include "safetensors_writer.h"
 #include "temp_dir.h"
+#include "test_client.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/frame.h"
@@ -62,13 +63,7 @@ class LifecycleTest : public ::testing::Test {
     broker_ = std::make_unique<BrokerProcess>(o);
   }
 
-  std::unique_ptr<Client> Connect() {
-    ClientOptions o;
-    o.socket_path = socket_.string();
-    auto c = Client::Connect(o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    return c.ok() ? std::move(c).value() : nullptr;
-  }
+  std::unique_ptr<Client> Connect() { return ConnectClient(socket_); }
 
   /// Status rows of `model` (one per loaded revision).
   std::vector<json> Rows(Client& c, const std::string& model) {

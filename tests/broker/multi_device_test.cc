@@ -17,6 +17,7 @@
 #include "hub_fixture.h"
 #include "safetensors_writer.h"
 #include "temp_dir.h"
+#include "test_client.h"
 #include "wbroker/client/client.h"
 
 namespace wbroker::testing {
@@ -61,11 +62,7 @@ class MultiDevice : public ::testing::Test {
   }
 
   std::unique_ptr<Client> Connect() {
-    ClientOptions o;
-    o.socket_path = socket_.string();
-    auto c = Client::Connect(o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    return c.ok() ? std::move(c).value() : nullptr;
+    return ConnectClient(socket_);
   }
 
   json Status() {

@@ -23,6 +23,7 @@
 #include "hub_fixture.h"
 #include "safetensors_writer.h"
 #include "temp_dir.h"
+#include "test_client.h"
 #include "wbroker/client/client.h"
 #include "wbroker/common/unique_fd.h"
 
@@ -141,12 +142,7 @@ class SystemdIntegration : public ::testing::Test {
   }
 
   std::unique_ptr<Client> Connect(const std::filesystem::path& socket) {
-    ClientOptions o;
-    o.socket_path = socket.string();
-    o.timeout = std::chrono::milliseconds(20000);
-    auto c = Client::Connect(o);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    return c.ok() ? std::move(c).value() : nullptr;
+    return ConnectClient(socket, std::chrono::milliseconds(20000));
   }
 
   void ExpectServed(const std::filesystem::path& socket) {
