@@ -1,18 +1,18 @@
 // wbroker broker: shmem transparent huge page settings from sysfs.
 #include "shmem_huge_pages.h"
 
-#include <fstream>
-#include <iterator>
 #include <system_error>
+
+#include "wbroker/common/file_io.h"
 
 namespace wbroker::broker {
 namespace {
 
-/// The whole of a small sysfs file; "" when it cannot be read.
-std::string ReadSmallFile(const std::filesystem::path& p) {
-  std::ifstream in(p);
-  if (!in) return "";
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+/// A sysfs choice file's text; "" when it cannot be read (no THP in the
+/// kernel, sysfs not mounted), which reads as 4 KiB pages.
+std::string ReadChoiceFile(const std::filesystem::path& p) {
+  auto text = ReadSmallFile(p, 4096);
+  return text.ok() ? std::move(text).value() : std::string();
 }
 
 /// Settings under which a MADV_HUGEPAGE mapping of shmem gets large folios.
@@ -37,7 +37,7 @@ std::string SelectedSysfsChoice(const std::string& text) {
 
 ShmemHugePages ReadShmemHugePages(const std::filesystem::path& thp_dir) {
   ShmemHugePages out;
-  out.setting = SelectedSysfsChoice(ReadSmallFile(thp_dir / "shmem_enabled"));
+  out.setting = SelectedSysfsChoice(ReadChoiceFile(thp_dir / "shmem_enabled"));
   out.madvised_mappings_huge = AllowsMadvised(out.setting);
   out.writes_huge = AllowsWrites(out.setting);
   // "deny" and "force" override every per-size setting (testing modes of the
@@ -49,7 +49,7 @@ ShmemHugePages ReadShmemHugePages(const std::filesystem::path& thp_dir) {
        it.increment(ec)) {
     if (it->path().filename().string().rfind("hugepages-", 0) != 0) continue;
     const std::string size_setting =
-        SelectedSysfsChoice(ReadSmallFile(it->path() / "shmem_enabled"));
+        SelectedSysfsChoice(ReadChoiceFile(it->path() / "shmem_enabled"));
     if (size_setting == "inherit") continue;
     out.madvised_mappings_huge = out.madvised_mappings_huge || AllowsMadvised(size_setting);
     out.writes_huge = out.writes_huge || AllowsWrites(size_setting);

@@ -4,7 +4,19 @@
 
 #include <fmt/format.h>
 
+#include <fstream>
+
 namespace wbroker {
+
+Result<std::string> ReadSmallFile(const std::filesystem::path& path, size_t max_bytes) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ErrnoStatus(fmt::format("cannot open {}", path.string()));
+  std::string out(max_bytes, '\0');
+  in.read(out.data(), static_cast<std::streamsize>(max_bytes));
+  if (in.bad()) return ErrnoStatus(fmt::format("cannot read {}", path.string()));
+  out.resize(static_cast<size_t>(in.gcount()));
+  return out;
+}
 
 Status PreadFully(int fd, std::byte* dst, uint64_t length, uint64_t offset) {
   while (length > 0) {

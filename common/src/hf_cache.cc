@@ -13,9 +13,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
 #include <system_error>
 #include <vector>
+
+#include "wbroker/common/file_io.h"
 
 namespace wbroker {
 namespace fs = std::filesystem;
@@ -200,16 +201,6 @@ Result<fs::path> ResolveAllLinks(const fs::path& path) {
     std::vector<fs::path> comps(target_rel.begin(), target_rel.end());
     todo.insert(todo.end(), comps.rbegin(), comps.rend());
   }
-  return out;
-}
-
-Result<std::string> ReadSmallFile(const fs::path& path, size_t max_bytes) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoStatus(fmt::format("cannot open {}", path.string()));
-  std::string out(max_bytes, '\0');
-  in.read(out.data(), static_cast<std::streamsize>(max_bytes));
-  if (in.bad()) return ErrnoStatus(fmt::format("cannot read {}", path.string()));
-  out.resize(static_cast<size_t>(in.gcount()));
   return out;
 }
 
