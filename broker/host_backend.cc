@@ -138,10 +138,13 @@ Status CastChunk(const Chunk& c, int memfd, std::byte* mapped, uint64_t step_byt
 }
 
 // Copies chunk `c` into `memfd` through `buffer` (kCopyStepBytes): pread,
-// then pwrite. Writes that cover whole huge pages skip clearing them first.
+// then pwrite. Steps end on the arena's 2 MiB boundaries: a write that covers
+// a whole new huge page skips clearing it, where a partial one clears the
+// rest of the page first and the next step then writes that rest again.
 Status CopyThroughBuffer(const Chunk& c, int memfd, std::byte* buffer) {
   for (uint64_t done = 0; done < c.length;) {
-    const uint64_t n = std::min(kCopyStepBytes, c.length - done);
+    const uint64_t to_boundary = kCopyStepBytes - (c.arena_offset + done) % kCopyStepBytes;
+    const uint64_t n = std::min(to_boundary, c.length - done);
     WB_RETURN_IF_ERROR(PreadFully(c.fd, buffer, n, c.file_offset + done));
     WB_RETURN_IF_ERROR(PwriteFully(memfd, buffer, n, c.arena_offset + done));
     done += n;
@@ -186,6 +189,7 @@ class HostArena final : public Arena {
     std::vector<Chunk> chunks;
     // Multiples of 4 bytes, so that cast chunks split on element boundaries.
     const uint64_t step = std::max<uint64_t>(options.chunk_bytes, 1 << 20) / 4 * 4;
+    const uint64_t copy_step = (step + kCopyStepBytes - 1) / kCopyStepBytes * kCopyStepBytes;
     uint64_t largest_cast = 0;
     for (const auto& j : jobs) {
       const bool cast = j.src_dtype != j.dst_dtype;
@@ -207,11 +211,21 @@ class HostArena final : public Arena {
       uint64_t end = 0;
       if (__builtin_add_overflow(j.arena_offset, dst_length, &end) || end > size_)
         return Status(ErrorCode::kInternal, "copy job outside the arena");
-      for (uint64_t done = 0; done < j.length; done += step) {
-        const uint64_t arena_done =
-            cast ? done / ElementBytes(j.src_dtype) * ElementBytes(j.dst_dtype) : done;
-        chunks.push_back({j.fd, j.file_offset + done, j.arena_offset + arena_done,
-                          std::min(step, j.length - done), j.src_dtype, j.dst_dtype});
+      if (cast) {
+        const uint64_t src_size = ElementBytes(j.src_dtype), dst_size = ElementBytes(j.dst_dtype);
+        for (uint64_t done = 0; done < j.length; done += step)
+          chunks.push_back({j.fd, j.file_offset + done, j.arena_offset + done / src_size * dst_size,
+                            std::min(step, j.length - done), j.src_dtype, j.dst_dtype});
+        continue;
+      }
+      // Plain copies split where the arena crosses a multiple of
+      // `copy_step`, so that no two threads share a huge page inside a tensor.
+      for (uint64_t done = 0; done < j.length;) {
+        const uint64_t to_boundary = copy_step - (j.arena_offset + done) % copy_step;
+        const uint64_t n = std::min(to_boundary, j.length - done);
+        chunks.push_back(
+            {j.fd, j.file_offset + done, j.arena_offset + done, n, j.src_dtype, j.dst_dtype});
+        done += n;
       }
     }
     // Each thread's cast buffers: no larger than the largest cast chunk needs.

@@ -28,9 +28,10 @@ namespace wbroker::broker {
 
 // Names the parameter in test listings ("GetParam() = Mapping").
 void PrintTo(HostFillMethod m, std::ostream* os) {
-  *os << (m == HostFillMethod::kSendfile  ? "Sendfile"
-          : m == HostFillMethod::kMapping ? "Mapping"
-                                          : "Auto");
+  *os << (m == HostFillMethod::kSendfile        ? "Sendfile"
+          : m == HostFillMethod::kMapping       ? "Mapping"
+          : m == HostFillMethod::kBufferedWrite ? "BufferedWrite"
+                                                : "Auto");
 }
 
 namespace {
@@ -223,8 +224,9 @@ TEST_P(HostFillTest, ManyThreadsAndChunksGiveByteExactSealedArena) {
   std::memcpy(expected.data(), a.data(), 3 << 20);
   std::memcpy(expected.data() + (3 << 20) + 256, a.data() + (3 << 20), 2 << 20);
   std::memcpy(expected.data() + (5 << 20) + 512, b.data(), b.size());
-  // 1 MiB chunks split every tensor across threads; 16 MiB chunks leave one
-  // chunk per tensor, which the buffered method copies in several 2 MiB steps.
+  // 1 MiB chunks (rounded up to 2 MiB arena-aligned pieces for plain copies)
+  // split every tensor across threads; 16 MiB chunks leave one chunk per
+  // tensor, which the buffered method copies in several 2 MiB steps.
   for (uint64_t chunk : {uint64_t{1} << 20, uint64_t{16} << 20}) {
     SCOPED_TRACE("chunk_bytes " + std::to_string(chunk));
     auto arena = backend_->Allocate(size, "fill-test");
