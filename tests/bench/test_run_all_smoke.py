@@ -92,9 +92,9 @@ def test_the_numbers_are_measurements(run):
     new = run["new"]
     load = section(new, "load")
     rates = [float(m) for m in re.findall(r"\| (?:\*\*)?([\d.]+)(?:\*\*)? \|\n", load)]
-    # For each of 1 and 2 threads: page-cache read, fresh memory, memset and
-    # one broker load (the smoke run leaves shmem_enabled as it is).
-    assert len(rates) == 4 * 2, load
+    # For each of 1 and 2 threads: page-cache read, fresh memory, memset,
+    # memcpy and one broker load (the smoke run leaves shmem_enabled as it is).
+    assert len(rates) == 5 * 2, load
     assert all(r > 0 for r in rates), load
     assert re.search(r"median \d+\.\d\d ms, p99 \d+\.\d\d ms", load), load
     py = section(new, "python-attach")
