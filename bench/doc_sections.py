@@ -189,8 +189,8 @@ def render_load(args):
         copy = r["best_memory_copy_gbps"]
         lines.append(f"  - copy ceiling: `memcpy` between mapped buffers runs at {copy:.2f} GB/s, "
                      f"{100 * copy / r['best_page_cache_read_gbps']:.0f}% of the page-cache read rate. A load "
-                     "copies every byte from the page cache into the arena, so no load method can pass this "
-                     "ratio on this machine.")
+                     "copies every byte from the page cache into the arena, so whatever the method, its ratio "
+                     "cannot rise much above this one on this machine.")
     for c in configs:
         vs_copy = (f"{100 * c['load_vs_copy']:.0f}% of `memcpy`; " if "load_vs_copy" in c else "")
         lines.append(f"  - {c['fill']}: {verdict(c['load_vs_read'] >= 0.8)}, {100 * c['load_vs_read']:.0f}% "
