@@ -111,6 +111,12 @@ Result<std::unique_ptr<Broker>> Broker::Create(boost::asio::io_context& io,
     spdlog::info("access rule \"{}\": {} uid(s), {} group(s)", rule.model, rule.uids.size(),
                  rule.groups.size());
   spdlog::info("HF cache: {}", ctx.cache_dir.string());
+  CacheResolver::Options resolver_opts;
+  resolver_opts.cache_dir = ctx.cache_dir;
+  auto resolver = CacheResolver::Create(resolver_opts);
+  if (!resolver.ok()) return resolver.status();
+  b->resolver_ = std::move(resolver).value();
+  ctx.resolver = b->resolver_.get();
   b->dispatcher_ = std::make_unique<Dispatcher>(ctx);
   for (const auto& p : config.preload) {
     auto dev = b->dispatcher_->FindDevice(p.device);
@@ -281,8 +287,36 @@ void Broker::Reload(std::function<void(Result<nlohmann::json>)> done) {
     wanted = fresh->preload;
   }
   wanted.insert(wanted.end(), config_.cli_preload.begin(), config_.cli_preload.end());
-  const auto cache_dir = config_.cache_dir.empty() ? HubCacheDir() : config_.cache_dir;
+  ResolvePreloads(wanted, [this, wanted, done = std::move(done)](
+                              std::vector<Result<ResolvedModel>> resolutions) mutable {
+    if (stopped_) return done(Status(ErrorCode::kUnavailable, "the broker is stopping"));
+    ApplyPreloads(wanted, std::move(resolutions), std::move(done));
+  });
+}
 
+void Broker::ResolvePreloads(const std::vector<PreloadEntry>& list,
+                             std::function<void(std::vector<Result<ResolvedModel>>)> then) {
+  struct Gathered {
+    std::vector<Result<ResolvedModel>> results;
+    size_t left;
+    std::function<void(std::vector<Result<ResolvedModel>>)> then;
+  };
+  auto gathered = std::make_shared<Gathered>(Gathered{
+      std::vector<Result<ResolvedModel>>(list.size(), Status(ErrorCode::kInternal, "unresolved")),
+      list.size(), std::move(then)});
+  if (list.empty()) return gathered->then({});
+  for (size_t i = 0; i < list.size(); ++i) {
+    resolver_->Resolve(list[i].model, list[i].revision, io_.get_executor(),
+                       [gathered, i](Result<ResolvedModel> r) {
+                         gathered->results[i] = std::move(r);
+                         if (--gathered->left == 0) gathered->then(std::move(gathered->results));
+                       });
+  }
+}
+
+void Broker::ApplyPreloads(const std::vector<PreloadEntry>& wanted,
+                           std::vector<Result<ResolvedModel>> resolutions,
+                           std::function<void(Result<nlohmann::json>)> done) {
   // Shared by every pending change; replies when the last one ends.
   struct Pending {
     nlohmann::json rows = nlohmann::json::array();
@@ -301,9 +335,10 @@ void Broker::Reload(std::function<void(Result<nlohmann::json>)> done) {
 
   // (registry, entry key) of every preload wanted now, to unpin the others.
   std::set<std::pair<ModelRegistry*, std::string>> kept;
-  for (const auto& p : wanted) {
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    const PreloadEntry& p = wanted[i];
     const std::string label = p.model + "@" + (p.revision.empty() ? "main" : p.revision);
-    auto resolved = ResolveModel(cache_dir, p.model, p.revision);
+    const Result<ResolvedModel>& resolved = resolutions[i];
     std::optional<DType> cast = default_cast_;
     Status bad;
     if (!p.dtype.empty()) {
@@ -386,12 +421,18 @@ void Broker::DoWatchdog() {
 }
 
 void Broker::DoPreload() {
-  const auto cache_dir = config_.cache_dir.empty() ? HubCacheDir() : config_.cache_dir;
   preloads_pending_ = config_.preload.size();
   if (preloads_pending_ == 0) return Announce();
   notifier_.Status(fmt::format("preloading {} model(s)", preloads_pending_));
-  for (const auto& p : config_.preload) {
-    auto resolved = ResolveModel(cache_dir, p.model, p.revision);
+  ResolvePreloads(config_.preload, [this](std::vector<Result<ResolvedModel>> resolutions) {
+    if (!stopped_) StartPreloads(std::move(resolutions));
+  });
+}
+
+void Broker::StartPreloads(std::vector<Result<ResolvedModel>> resolutions) {
+  for (size_t i = 0; i < config_.preload.size(); ++i) {
+    const PreloadEntry& p = config_.preload[i];
+    const Result<ResolvedModel>& resolved = resolutions[i];
     if (!resolved.ok()) {
       spdlog::error("preload {}@{}: {}", p.model, p.revision.empty() ? "main" : p.revision,
                     resolved.status().message());

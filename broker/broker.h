@@ -38,13 +38,24 @@ class Broker {
 
  private:
   explicit Broker(boost::asio::io_context& io, const BrokerConfig& config);
+  /// Resolves the configured preloads (off the io thread), then StartPreloads.
   void DoPreload();
+  /// Loads and pins each preload that resolved; READY once all have ended.
+  void StartPreloads(std::vector<Result<ResolvedModel>> resolutions);
   void DoWatchdog();
   void DoSignals();
   /// Re-reads the config file and applies its preload list: new revisions
   /// replace the loaded ones (hot swap), new entries load, dropped ones are
   /// unpinned. `done` gets a summary once every change has finished.
   void Reload(std::function<void(Result<nlohmann::json>)> done);
+  /// Resolves every entry of `list` on the cache resolver and calls `then`
+  /// on the io thread with the results, in the order of `list`.
+  void ResolvePreloads(const std::vector<PreloadEntry>& list,
+                       std::function<void(std::vector<Result<ResolvedModel>>)> then);
+  /// Reload's changes once `wanted` is resolved: loads, hot swaps, unpins.
+  void ApplyPreloads(const std::vector<PreloadEntry>& wanted,
+                     std::vector<Result<ResolvedModel>> resolutions,
+                     std::function<void(Result<nlohmann::json>)> done);
   void Announce();
   /// Sends a ready host arena to the fd store (no-op without a service manager).
   void StoreArena(const Backend& backend, const ModelEntry& entry);
@@ -64,8 +75,10 @@ class Broker {
     std::unique_ptr<ModelRegistry> registry;  ///< models and leases
   };
 
-  std::vector<DeviceSlot> devices_;         ///< the first is the default
-  std::unique_ptr<AccessPolicy> access_;    ///< allow-lists and the admin group
+  std::vector<DeviceSlot> devices_;       ///< the first is the default
+  std::unique_ptr<AccessPolicy> access_;  ///< allow-lists and the admin group
+  /// Model resolution off the io thread; outlives the dispatcher that posts to it.
+  std::unique_ptr<CacheResolver> resolver_;
   std::unique_ptr<Dispatcher> dispatcher_;  ///< protocol verbs
   std::unique_ptr<Server> server_;          ///< the socket
   /// Prometheus metrics; declared after what it reads, so it goes first.

@@ -145,11 +145,40 @@ Result<std::optional<DType>> Dispatcher::CastOf(const json& req) const {
   return std::optional<DType>(d);
 }
 
-Result<ResolvedModel> Dispatcher::ResolveRequest(const json& req) const {
-  WB_ASSIGN_OR_RETURN(std::string model, OptString(req, "model"));
-  WB_ASSIGN_OR_RETURN(std::string revision, OptString(req, "revision"));
-  if (model.empty()) return Status(ErrorCode::kInvalidArgument, "\"model\" is required");
-  return ResolveModel(ctx_.cache_dir, model, revision);
+void Dispatcher::ResolveThen(const std::shared_ptr<Session>& s, const json& req,
+                             ResolvedHandler then) {
+  auto model = OptString(req, "model");
+  if (!model.ok()) return then(s, model.status());
+  auto revision = OptString(req, "revision");
+  if (!revision.ok()) return then(s, revision.status());
+  if (model->empty()) return then(s, Status(ErrorCode::kInvalidArgument, "\"model\" is required"));
+  s->StartedAsync();
+  std::weak_ptr<Session> weak = s;
+  ctx_.resolver->Resolve(*model, *revision, s->executor(),
+                         [weak, then = std::move(then)](Result<ResolvedModel> resolved) {
+                           auto s = weak.lock();
+                           if (!s || s->closed()) return;  // the client went away meanwhile
+                           s->FinishedAsync();
+                           then(s, std::move(resolved));
+                         });
+}
+
+std::optional<ResolvedModel> Dispatcher::ReadyAtCommit(const DeviceArena& dev, const json& req,
+                                                       std::optional<DType> cast) const {
+  auto model = OptString(req, "model");
+  auto revision = OptString(req, "revision");
+  if (!model.ok() || !revision.ok() || model->empty() || model->front() == '/' ||
+      revision->size() != 40 ||
+      revision->find_first_not_of("0123456789abcdef") != std::string::npos)
+    return std::nullopt;
+  ResolvedModel key;
+  key.model = *model;
+  key.commit = *revision;
+  auto entry = dev.registry->Get(key, cast);
+  if (!entry || entry->state != ModelState::kReady) return std::nullopt;
+  ResolvedModel resolved = entry->resolved;
+  resolved.requested_revision = *revision;
+  return resolved;
 }
 
 void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
@@ -175,17 +204,31 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
                                "max_leases_per_client is {}: release a lease first",
                                s->lease_count(), s->in_flight(), limit)));
   }
-  auto resolved = ResolveRequest(req);
-  if (!resolved.ok()) {
-    spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
-                 resolved.status().message());
-    return s->SendError(id, resolved.status());
-  }
   auto cast = CastOf(req);
   if (!cast.ok()) return s->SendError(id, cast.status());
+  // Workers pinned to a commit that is loaded (the common case) need nothing
+  // from the cache, so a slow or hung cache filesystem cannot delay them.
+  if (auto ready = ReadyAtCommit(*dev, req, *cast))
+    return AttachResolved(s, dev, req, *ready, *cast);
+  ResolveThen(s, req,
+              [this, dev, req, cast = *cast](const std::shared_ptr<Session>& s,
+                                             Result<ResolvedModel> resolved) {
+                if (!resolved.ok()) {
+                  spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
+                               resolved.status().message());
+                  return s->SendError(IdOf(req), resolved.status());
+                }
+                AttachResolved(s, dev, req, *resolved, cast);
+              });
+}
+
+void Dispatcher::AttachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                                const json& req, const ResolvedModel& model,
+                                std::optional<DType> cast) {
+  const json id = IdOf(req);
   std::weak_ptr<Session> weak = s;
   s->StartedAsync();
-  dev->registry->Acquire(*resolved, *cast, ctx_.config->load_on_attach, /*pin=*/false,
+  dev->registry->Acquire(model, cast, ctx_.config->load_on_attach, /*pin=*/false,
                          [dev, weak, id, req](Result<std::shared_ptr<ModelEntry>> entry) {
                            auto s = weak.lock();
                            if (!s || s->closed())
@@ -243,14 +286,6 @@ void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) 
                                                ctx_.config->max_leases_per_client)));
   auto revision = OptString(req, "revision");
   if (!revision.ok()) return s->SendError(id, revision.status());
-  auto resolved = ResolveRequest(req);
-  if (!resolved.ok()) return s->SendError(id, resolved.status());
-  // The lease was made from one commit; a branch may have moved since.
-  if (resolved->commit.empty() || *revision != resolved->commit)
-    return s->SendError(id, Status(ErrorCode::kInvalidArgument,
-                                   fmt::format("reattach needs the full commit the lease was "
-                                               "made from, not \"{}\"",
-                                               *revision)));
   auto cast = CastOf(req);
   if (!cast.ok()) return s->SendError(id, cast.status());
   const bool host = dev->backend->name() == "host";
@@ -260,13 +295,34 @@ void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) 
                    fmt::format("reattach on {} ({}) takes {} fd(s), got {}", dev->backend->device(),
                                dev->backend->name(), host ? 1 : 0, fds.size())));
   auto client_fd = std::make_shared<UniqueFd>(host ? std::move(fds.front()) : UniqueFd());
+  auto reattach = [this, dev, req, revision = *revision, cast = *cast, client_fd](
+                      const std::shared_ptr<Session>& s, Result<ResolvedModel> resolved) {
+    if (!resolved.ok()) return s->SendError(IdOf(req), resolved.status());
+    // The lease was made from one commit; a branch may have moved since.
+    if (resolved->commit.empty() || revision != resolved->commit)
+      return s->SendError(IdOf(req),
+                          Status(ErrorCode::kInvalidArgument,
+                                 fmt::format("reattach needs the full commit the lease was "
+                                             "made from, not \"{}\"",
+                                             revision)));
+    ReattachResolved(s, dev, req, *resolved, cast, client_fd);
+  };
+  if (auto ready = ReadyAtCommit(*dev, req, *cast)) return reattach(s, *ready);
+  ResolveThen(s, req, std::move(reattach));
+}
+
+void Dispatcher::ReattachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                                  const json& req, const ResolvedModel& resolved,
+                                  std::optional<DType> cast_to,
+                                  const std::shared_ptr<UniqueFd>& client_fd) {
+  const json id = IdOf(req);
   std::weak_ptr<Session> weak = s;
   auto exec = s->executor();
   ModelRegistry* registry = dev->registry;
   registry->Acquire(
-      *resolved, *cast, /*allow_load=*/false, /*pin=*/false,
-      [this, dev, weak, id, req, client_fd, exec, registry, model = *resolved,
-       cast = *cast](Result<std::shared_ptr<ModelEntry>> entry) {
+      resolved, cast_to, /*allow_load=*/false, /*pin=*/false,
+      [this, dev, weak, id, req, client_fd, exec, registry, model = resolved,
+       cast = cast_to](Result<std::shared_ptr<ModelEntry>> entry) {
         auto s = weak.lock();
         if (!s || s->closed()) return;
         if (entry.ok()) return FinishReattach(s, dev, req, *entry, client_fd->get(), false);
@@ -418,8 +474,6 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   };
   if (Status admin = CheckAdmin(*s, "load"); !admin.ok()) return refuse(admin);
   if (Status allowed = CheckModelAccess(*s, req, "load"); !allowed.ok()) return refuse(allowed);
-  auto resolved = ResolveRequest(req);
-  if (!resolved.ok()) return refuse(resolved.status());
   auto cast = CastOf(req);
   if (!cast.ok()) return refuse(cast.status());
   auto device = OptString(req, "device");
@@ -427,7 +481,22 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   auto arena = FindDevice(*device);
   if (!arena.ok()) return refuse(arena.status());
   const DeviceArena* dev = *arena;
-  if (stream) stream->SetTarget(resolved->model, resolved->commit, dev->backend->device());
+  ResolveThen(s, req,
+              [this, dev, req, stream, cast = *cast](const std::shared_ptr<Session>& s,
+                                                     Result<ResolvedModel> resolved) {
+                if (!resolved.ok()) {
+                  if (stream) stream->Finish(resolved.status());
+                  return s->SendError(IdOf(req), resolved.status());
+                }
+                LoadResolved(s, dev, req, stream, *resolved, cast);
+              });
+}
+
+void Dispatcher::LoadResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                              const json& req, const std::shared_ptr<ProgressStream>& stream,
+                              const ResolvedModel& model, std::optional<DType> cast_to) {
+  const json id = IdOf(req);
+  if (stream) stream->SetTarget(model.model, model.commit, dev->backend->device());
   std::weak_ptr<Session> weak = s;
   s->StartedAsync();
   auto done = [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
@@ -449,15 +518,14 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   const bool allow_downtime = req.value("allow_downtime", false) == true;
   if (replace) {
     spdlog::info("client {} (pid {} uid {}): load {}@{} replacing the loaded revisions{}", s->id(),
-                 s->peer().pid, s->peer().uid, resolved->model, resolved->commit,
+                 s->peer().pid, s->peer().uid, model.model, model.commit,
                  allow_downtime ? " (downtime allowed)" : "");
-    dev->registry->Replace(*resolved, *cast, ReplaceOptions{false, allow_downtime},
-                           std::move(done));
+    dev->registry->Replace(model, cast_to, ReplaceOptions{false, allow_downtime}, std::move(done));
   } else {
-    dev->registry->Acquire(*resolved, *cast, /*allow_load=*/true, /*pin=*/false, std::move(done));
+    dev->registry->Acquire(model, cast_to, /*allow_load=*/true, /*pin=*/false, std::move(done));
   }
   // Still loading (Acquire has not answered yet): sample it until it ends.
-  if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(*resolved, *cast));
+  if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(model, cast_to));
 }
 
 void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
@@ -490,15 +558,24 @@ void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
       if (e->resolved.commit.rfind(prefix, 0) == 0) matches_loaded = true;
     }
   }
-  if (!prefix.empty() && !matches_loaded) {
-    auto resolved = ResolveModel(ctx_.cache_dir, *model, prefix);
-    if (resolved.ok()) prefix = resolved->commit;
-  }
+  if (prefix.empty() || matches_loaded) return UnloadAt(s, req, *model, prefix, targets, force);
+  ResolveThen(s, req,
+              [this, req, model = *model, prefix, targets, force](const std::shared_ptr<Session>& s,
+                                                                  Result<ResolvedModel> resolved) {
+                // Not in the cache either: CheckUnload names what is loaded.
+                UnloadAt(s, req, model, resolved.ok() ? resolved->commit : prefix, targets, force);
+              });
+}
+
+void Dispatcher::UnloadAt(const std::shared_ptr<Session>& s, const json& req,
+                          const std::string& model, const std::string& prefix,
+                          const std::vector<const DeviceArena*>& targets, bool force) {
+  const json id = IdOf(req);
   // Check every device first, so that a refusal on one leaves all untouched.
   std::vector<const DeviceArena*> matched;
   Status not_found;
   for (const auto* d : targets) {
-    Status st = d->registry->CheckUnload(*model, prefix, force);
+    Status st = d->registry->CheckUnload(model, prefix, force);
     if (st.ok()) {
       matched.push_back(d);
     } else if (st.code() == ErrorCode::kNotFound) {
@@ -512,7 +589,7 @@ void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {
   r["unloaded"] = json::array();
   r["draining"] = json::array();
   for (const auto* d : matched) {
-    auto result = d->registry->Unload(*model, prefix, force);
+    auto result = d->registry->Unload(model, prefix, force);
     if (!result.ok()) return s->SendError(id, result.status());
     for (auto& k : (*result)["unloaded"]) r["unloaded"].push_back(std::move(k));
     for (auto& k : (*result)["draining"]) r["draining"].push_back(std::move(k));

@@ -6,11 +6,14 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "access_policy.h"
 #include "backend.h"
+#include "cache_resolver.h"
 #include "config.h"
 #include "memory_budget.h"
 #include "metrics.h"
@@ -19,6 +22,7 @@
 
 namespace wbroker::broker {
 
+class ProgressStream;
 class Server;
 
 /// One served device: its backend, budget and models (owned by the Broker).
@@ -44,6 +48,7 @@ struct DispatcherContext {
   /// Called when a client's arena was adopted (the broker keeps it in the fd store).
   std::function<void(const DeviceArena&, const ModelEntry&)> on_adopted;
   const AccessPolicy* access = nullptr;  ///< allow-lists and the admin group
+  CacheResolver* resolver = nullptr;     ///< resolves models in the cache off the io thread
 };
 
 /// Implements every protocol verb: hello, attach, reattach, release, status,
@@ -85,8 +90,21 @@ class Dispatcher final : public RequestHandler {
   void FinishReattach(const std::shared_ptr<Session>& s, const DeviceArena* dev,
                       const nlohmann::json& req, const std::shared_ptr<ModelEntry>& entry,
                       int client_fd, bool adopted);
+  /// Reattach once `resolved` is known: the lease on a loaded entry, or the
+  /// adoption of the client's memfd (`client_fd`, host) when none is loaded.
+  void ReattachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                        const nlohmann::json& req, const ResolvedModel& resolved,
+                        std::optional<DType> cast_to, const std::shared_ptr<UniqueFd>& client_fd);
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// Load once `model` is resolved: acquire or replace, progress events, reply.
+  void LoadResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                    const nlohmann::json& req, const std::shared_ptr<ProgressStream>& stream,
+                    const ResolvedModel& model, std::optional<DType> cast_to);
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
+  /// Unload of `model` at commit `prefix` ("" = every revision) on `targets`.
+  void UnloadAt(const std::shared_ptr<Session>& s, const nlohmann::json& req,
+                const std::string& model, const std::string& prefix,
+                const std::vector<const DeviceArena*>& targets, bool force);
   void DoReload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
 
   /// Admin verbs: Ok for root, the broker's own uid or the admin group;
@@ -95,8 +113,24 @@ class Dispatcher final : public RequestHandler {
   Status CheckAdmin(const Session& s, const char* verb) const;
   /// The model's allow-list ([[access]]) for `verb`; logs and returns a refusal.
   Status CheckModelAccess(const Session& s, const nlohmann::json& req, const char* verb) const;
-  /// Resolves the request's "model"/"revision" in the cache.
-  Result<ResolvedModel> ResolveRequest(const nlohmann::json& req) const;
+  /// What ResolveThen hands on: the (still open) session and the resolution.
+  using ResolvedHandler =
+      std::function<void(const std::shared_ptr<Session>&, Result<ResolvedModel>)>;
+  /// Resolves the request's "model"/"revision" in the cache off the io
+  /// thread (CacheResolver: a hung network filesystem must not stall the
+  /// other clients), then calls `then` on the io thread, unless the session
+  /// closed meanwhile. Counts as in flight until then. A malformed request
+  /// reaches `then` at once, as a failed result.
+  void ResolveThen(const std::shared_ptr<Session>& s, const nlohmann::json& req,
+                   ResolvedHandler then);
+  /// A request that names the full commit of a model `dev` has ready needs
+  /// nothing from the cache: that entry's resolution. nullopt otherwise.
+  std::optional<ResolvedModel> ReadyAtCommit(const DeviceArena& dev, const nlohmann::json& req,
+                                             std::optional<DType> cast) const;
+  /// Attach once `model` is resolved: acquire (loading when allowed), lease, reply.
+  void AttachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
+                      const nlohmann::json& req, const ResolvedModel& model,
+                      std::optional<DType> cast);
   /// The cast a request asks for with "dtype" (bf16/fp16/fp32; ""/"auto" =
   /// the broker's default); kInvalidArgument for other names.
   Result<std::optional<DType>> CastOf(const nlohmann::json& req) const;

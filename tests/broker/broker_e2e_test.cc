@@ -135,6 +135,29 @@ TEST_F(BrokerE2E, NoRevisionMeansMainAndModelLoadsOnce) {
   EXPECT_THAT(broker.Log(), HasSubstr("loaded org/good@" + good_commit_));
 }
 
+TEST_F(BrokerE2E, AttachByTheFullCommitOfALoadedModelNeedsNoCache) {
+  BrokerProcess broker(Opts());
+  auto c = Connect();
+  auto first = c->Attach("org/good");
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  // The cache goes away (an unmounted or hung network filesystem): workers
+  // pinned to the loaded commit are still served, from memory.
+  const auto repo = cache_ / "models--org--good";
+  std::filesystem::rename(repo, dir_.path() / "moved-away");
+  auto pinned = c->Attach("org/good", good_commit_);
+  ASSERT_TRUE(pinned.ok()) << pinned.status().ToString();
+  EXPECT_EQ((*pinned)->revision(), good_commit_);
+  ExpectGoodContents(**pinned);
+  // A branch still has to be read from the cache, which is gone.
+  auto by_branch = c->Attach("org/good", "main");
+  ASSERT_FALSE(by_branch.ok());
+  EXPECT_EQ(by_branch.status().code(), ErrorCode::kNotFound);
+  auto st = Status(*c);
+  ASSERT_EQ(st["models"].size(), 1u);
+  EXPECT_EQ(st["models"][0]["leases"], 2);
+  std::filesystem::rename(dir_.path() / "moved-away", repo);
+}
+
 TEST_F(BrokerE2E, MalformedAndMissingModelsGiveClearErrorsWhileOthersAreServed) {
   BrokerProcess broker(Opts());
   auto c = Connect();
