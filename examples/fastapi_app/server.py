@@ -10,12 +10,20 @@ After (every worker attaches the broker's copy, zero-copy):
     model = wbroker.transformers.from_pretrained(MODEL_ID, revision=REV)
     tokenizer = AutoTokenizer.from_pretrained(model.wbroker_lease.snapshot)
 
+Hot swaps: after `wbrokerctl load MODEL@NEWREV --replace`, each worker
+attaches the new revision within a second (or at its next request, if that
+comes first) and releases the old one, so the broker frees the old copy once
+every worker has moved, busy or idle.
+
 Run:  gunicorn -w 4 -k uvicorn.workers.UvicornWorker -b 127.0.0.1:8000 server:app
 Environment: MODEL_ID (org/name), MODEL_REVISION (branch, tag or commit; default
 main), WBROKER_SOCKET (default /run/wbroker/wbroker.sock), WBROKER_TASK
 ("generate", the default, or "embed" for sentence-transformers models).
 """
+import logging
 import os
+import threading
+import time
 
 import torch
 from fastapi import FastAPI, HTTPException
@@ -31,19 +39,57 @@ DTYPE = os.environ.get("MODEL_DTYPE", "auto")
 
 app = FastAPI(title="wbroker FastAPI example")
 
-if TASK == "embed":
-    encoder = wbt.sentence_transformer(MODEL_ID, revision=REVISION, dtype=DTYPE)
-    lease = encoder.wbroker_lease
-else:
+
+def attach():
+    """(model, tokenizer, lease) for what the broker serves now; the model is a
+    sentence-transformers encoder and the tokenizer None for WBROKER_TASK=embed."""
+    if TASK == "embed":
+        encoder = wbt.sentence_transformer(MODEL_ID, revision=REVISION, dtype=DTYPE)
+        return encoder, None, encoder.wbroker_lease
     from transformers import AutoTokenizer
 
     model = wbt.from_pretrained(MODEL_ID, revision=REVISION, dtype=DTYPE)
-    lease = model.wbroker_lease
-    tokenizer = AutoTokenizer.from_pretrained(lease.snapshot)
+    tokenizer = AutoTokenizer.from_pretrained(model.wbroker_lease.snapshot)
     if os.environ.get("WARMUP", "1") == "1":
         # One token at start-up: the first request is not the slow one.
         with torch.inference_mode():
             model.generate(**tokenizer("warm up", return_tensors="pt").to(model.device), max_new_tokens=1)
+    return model, tokenizer, model.wbroker_lease
+
+
+served = attach()
+swap_lock = threading.Lock()  # FastAPI runs sync endpoints on a thread pool
+
+
+def current():
+    """The served (model, tokenizer, lease). When the broker replaced the
+    revision (a hot swap), attaches the new one first and releases the old
+    lease; requests already running keep their tensors, which hold the old
+    mapping until they finish."""
+    global served
+    with swap_lock:
+        old = served[2]
+        event = old.superseded  # reads the broker's events without blocking
+        if event:
+            if event.get("release_first"):
+                old.release()  # the broker has room for one copy only
+            served = attach()
+            old.release()
+        return served
+
+
+def follow_swaps():
+    """Checks for a hot swap every second, so that idle workers let go of the
+    old copy too (with --allow-downtime the new one waits for that)."""
+    while True:
+        time.sleep(1)
+        try:
+            current()
+        except Exception:  # e.g. the broker restarting: the next try or request retries
+            logging.getLogger("wbroker").exception("checking for a hot swap")
+
+
+threading.Thread(target=follow_swaps, name="wbroker-swaps", daemon=True).start()
 
 
 @app.get("/infer")
@@ -51,6 +97,7 @@ def infer(prompt: str, max_length: int = 128):
     """The seed's endpoint: the prompt and its continuation, greedy."""
     if TASK != "generate":
         raise HTTPException(400, f"{MODEL_ID} is served for embeddings; use /embed")
+    model, tokenizer, _ = current()
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         outputs = model.generate(**inputs, max_length=max_length)
@@ -62,6 +109,7 @@ def embed(text: str):
     """Sentence embedding (WBROKER_TASK=embed)."""
     if TASK != "embed":
         raise HTTPException(400, f"{MODEL_ID} is served for generation; use /infer")
+    encoder, _, _ = current()
     with torch.inference_mode():
         vec = encoder.encode([text], convert_to_numpy=True)[0]
     return {"embedding": vec.tolist()}
@@ -70,6 +118,7 @@ def embed(text: str):
 @app.get("/healthz")
 def healthz():
     """Which model and commit this worker serves, and from where."""
+    lease = current()[2]
     return {"model": lease.model, "revision": lease.revision, "device": lease.device,
             "backend": lease.backend, "pid": os.getpid()}
 

@@ -171,3 +171,45 @@ def test_gunicorn_workers_serve_minilm_embeddings_like_sentence_transformers(bro
         assert e.value.code == 400
     finally:
         app.stop()
+
+
+def test_gunicorn_workers_follow_a_hot_swap_and_let_the_old_copy_go(broker_factory, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from make_tiny_model import make_tiny_model
+    from conftest import BINARY_DIR
+    cache = tmp_path / "hub-swap"
+    rev1 = make_tiny_model("qwen2", str(cache), "tiny/swap", seed=1)["commit"]
+    rev2 = make_tiny_model("qwen2", str(cache), "tiny/swap", seed=5)["commit"]
+    (cache / "models--tiny--swap" / "refs" / "main").write_text(rev1)
+    b = broker_factory(cache, [])
+    env = {"MODEL_ID": "tiny/swap", "WBROKER_SOCKET": b.socket, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+
+    def ctl(*args):
+        out = subprocess.run([str(BINARY_DIR / "tools" / "wbrokerctl"), "--socket", b.socket, *args],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def revisions():
+        return {m["revision"]: m["leases"] for m in json.loads(ctl("--json", "status"))["models"]}
+
+    app = Gunicorn(REPO / "examples" / "fastapi_app", "server:app", env, tmp_path / "swap.log")
+    try:
+        assert app.get("/healthz")["revision"] == rev1
+        assert revisions() == {rev1: WORKERS}
+        before = app.get("/infer", prompt=PROMPTS[0], max_length=24)["result"]
+        ctl("load", f"tiny/swap@{rev2}", "--replace")
+        # No requests: idle workers move over on their own, and once all of
+        # them let go of it the broker frees the old copy.
+        deadline = time.monotonic() + 60
+        while revisions() != {rev2: WORKERS} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert revisions() == {rev2: WORKERS}, revisions()
+        with ThreadPoolExecutor(WORKERS * 2) as pool:
+            rows = list(pool.map(lambda _: app.get("/healthz"), range(WORKERS * 4)))
+        assert {r["revision"] for r in rows} == {rev2}, rows
+        after = app.get("/infer", prompt=PROMPTS[0], max_length=24)["result"]
+        assert after != before  # another seed: other weights, other text
+    finally:
+        app.stop()
