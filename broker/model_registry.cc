@@ -548,13 +548,8 @@ nlohmann::json ModelRegistry::StatusJson() const {
     };
     if (e->state == ModelState::kLoading) {
       const ProgressSample p = e->progress->Sample();
-      row["progress"] = {{"done_bytes", p.bytes_done},
-                         {"total_bytes", p.bytes_total},
-                         {"files_done", p.files_done},
-                         {"files_total", p.files_total},
-                         {"current_file", p.current_file},
-                         {"elapsed_seconds", p.elapsed_seconds},
-                         {"bytes_per_second", p.bytes_per_second}};
+      // The same fields, under the same names, as the load's progress events.
+      row["progress"] = ProgressSampleJson(p);
     }
     if (e->state == ModelState::kFailed) row["error"] = e->error.ToString();
     models.push_back(std::move(row));

@@ -65,8 +65,8 @@ std::string FormatStatus(const json& st) {
   for (const auto& m : st["models"]) {
     std::string state = m.value("state", "");
     if (state == "loading" && m.contains("progress")) {
-      auto done = m["progress"].value("done_bytes", 0ull),
-           total = m["progress"].value("total_bytes", 0ull);
+      auto done = m["progress"].value("bytes_done", 0ull),
+           total = m["progress"].value("bytes_total", 0ull);
       if (total) state += fmt::format(" {}%", done * 100 / total);
     }
     fmt::format_to(to, "{:<40} {:<13} {:<6} {:>11} {:>7} {:>6} {:<9} {:>7.2f}s\n",
