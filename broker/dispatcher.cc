@@ -496,36 +496,100 @@ void Dispatcher::LoadResolved(const std::shared_ptr<Session>& s, const DeviceAre
                               const json& req, const std::shared_ptr<ProgressStream>& stream,
                               const ResolvedModel& model, std::optional<DType> cast_to) {
   const json id = IdOf(req);
-  if (stream) stream->SetTarget(model.model, model.commit, dev->backend->device());
+  const bool replace = req.value("replace", false) == true;
+  const bool allow_downtime = req.value("allow_downtime", false) == true;
+  const std::string named = req.value("device", std::string());
+  const bool device_named = !named.empty() && named != "auto";
+  // A hot swap without "device" moves every device that serves the model;
+  // one that does not serve it keeps nothing new.
+  std::vector<const DeviceArena*> targets = replace && !device_named
+                                                ? ServingDevices(model.model, cast_to)
+                                                : std::vector<const DeviceArena*>{};
+  if (targets.empty()) targets.push_back(dev);
+  if (stream) stream->SetTarget(model.model, model.commit, targets.front()->backend->device());
+
+  // Shared by the targets' callbacks; the reply goes out when the last ends.
+  struct Joint {
+    size_t left = 0;
+    std::shared_ptr<ModelEntry> first;  ///< the first target's entry, for the reply
+    std::vector<bool> ok;               ///< per target: it has the revision now
+    Status error;                       ///< the first failure, with its device
+  };
+  auto joint = std::make_shared<Joint>();
+  joint->left = targets.size();
+  joint->ok.assign(targets.size(), false);
   std::weak_ptr<Session> weak = s;
   s->StartedAsync();
-  auto done = [dev, weak, id, req, stream](Result<std::shared_ptr<ModelEntry>> entry) {
-    if (stream) stream->Finish(entry);
+  auto finish = [targets, weak, id, req, stream, joint] {
+    std::vector<std::string> done;  // in the broker's device order
+    for (size_t i = 0; i < targets.size(); ++i)
+      if (joint->ok[i]) done.push_back(targets[i]->backend->device());
+    Result<std::shared_ptr<ModelEntry>> outcome = joint->first;
+    if (!joint->error.ok()) {
+      Status st = joint->error;
+      if (!done.empty())
+        st = Status(st.code(), fmt::format("{}; the revision is loaded on {}", st.message(),
+                                           fmt::join(done, ", ")));
+      outcome = st;
+    }
+    if (stream) stream->Finish(outcome);
     auto s = weak.lock();
     if (!s || s->closed()) return;
     s->FinishedAsync();
-    if (!entry.ok()) return s->SendError(id, entry.status());
+    if (!outcome.ok()) return s->SendError(id, outcome.status());
     json r = Reply(req);
-    r["model"] = (*entry)->resolved.model;
-    r["revision"] = (*entry)->resolved.commit;
-    r["device"] = dev->backend->device();
-    r["bytes"] = (*entry)->loaded.arena->size();
-    r["tensors"] = (*entry)->loaded.tensors.size();
-    r["load_seconds"] = (*entry)->loaded.seconds;
+    r["model"] = (*outcome)->resolved.model;
+    r["revision"] = (*outcome)->resolved.commit;
+    r["device"] = targets.front()->backend->device();
+    if (targets.size() > 1) r["devices"] = done;
+    r["bytes"] = (*outcome)->loaded.arena->size();
+    r["tensors"] = (*outcome)->loaded.tensors.size();
+    r["load_seconds"] = (*outcome)->loaded.seconds;
     s->Send(std::move(r));
   };
-  const bool replace = req.value("replace", false) == true;
-  const bool allow_downtime = req.value("allow_downtime", false) == true;
-  if (replace) {
-    spdlog::info("client {} (pid {} uid {}): load {}@{} replacing the loaded revisions{}", s->id(),
-                 s->peer().pid, s->peer().uid, model.model, model.commit,
-                 allow_downtime ? " (downtime allowed)" : "");
-    dev->registry->Replace(model, cast_to, ReplaceOptions{false, allow_downtime}, std::move(done));
-  } else {
-    dev->registry->Acquire(model, cast_to, /*allow_load=*/true, /*pin=*/false, std::move(done));
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const DeviceArena* target = targets[i];
+    auto done = [target, i, joint, finish,
+                 multi = targets.size() > 1](Result<std::shared_ptr<ModelEntry>> entry) {
+      if (entry.ok()) {
+        if (i == 0) joint->first = *entry;
+        joint->ok[i] = true;
+      } else if (joint->error.ok()) {
+        joint->error =
+            multi ? entry.status().WithContext(target->backend->device()) : entry.status();
+      }
+      if (--joint->left == 0) finish();
+    };
+    if (replace) {
+      spdlog::info("client {} (pid {} uid {}): load {}@{} on {} replacing the loaded revisions{}",
+                   s->id(), s->peer().pid, s->peer().uid, model.model, model.commit,
+                   target->backend->device(), allow_downtime ? " (downtime allowed)" : "");
+      target->registry->Replace(model, cast_to, ReplaceOptions{false, allow_downtime},
+                                std::move(done));
+    } else {
+      target->registry->Acquire(model, cast_to, /*allow_load=*/true, /*pin=*/false,
+                                std::move(done));
+    }
   }
-  // Still loading (Acquire has not answered yet): sample it until it ends.
-  if (stream && !stream->finished()) stream->Watch(dev->registry->ProgressOf(model, cast_to));
+  // Still loading (not answered yet): sample the first target until it ends.
+  if (stream && !stream->finished())
+    stream->Watch(targets.front()->registry->ProgressOf(model, cast_to));
+}
+
+std::vector<const DeviceArena*> Dispatcher::ServingDevices(const std::string& model,
+                                                           std::optional<DType> cast) const {
+  std::vector<const DeviceArena*> out;
+  for (const auto& d : ctx_.devices) {
+    for (const auto& e : d.registry->Find(model)) {
+      const bool current = e->superseded_by.empty() &&
+                           (e->state == ModelState::kReady || e->state == ModelState::kLoading);
+      if (current && e->cast_to == cast) {
+        out.push_back(&d);
+        break;
+      }
+    }
+  }
+  return out;
 }
 
 void Dispatcher::DoUnload(const std::shared_ptr<Session>& s, const json& req) {

@@ -96,10 +96,15 @@ class Dispatcher final : public RequestHandler {
                         const nlohmann::json& req, const ResolvedModel& resolved,
                         std::optional<DType> cast_to, const std::shared_ptr<UniqueFd>& client_fd);
   void DoLoad(const std::shared_ptr<Session>& s, const nlohmann::json& req);
-  /// Load once `model` is resolved: acquire or replace, progress events, reply.
+  /// Load once `model` is resolved: acquire or replace (on every serving
+  /// device when a replace names none), progress events, one reply.
   void LoadResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
                     const nlohmann::json& req, const std::shared_ptr<ProgressStream>& stream,
                     const ResolvedModel& model, std::optional<DType> cast_to);
+  /// The devices holding a current (ready or loading, not replaced)
+  /// revision of `model` with cast `cast`: what a hot swap without "device" moves.
+  std::vector<const DeviceArena*> ServingDevices(const std::string& model,
+                                                 std::optional<DType> cast) const;
   void DoUnload(const std::shared_ptr<Session>& s, const nlohmann::json& req);
   /// Unload of `model` at commit `prefix` ("" = every revision) on `targets`.
   void UnloadAt(const std::shared_ptr<Session>& s, const nlohmann::json& req,

@@ -202,11 +202,19 @@ int RunLoad(const std::string& socket_path, const std::string& spec, const std::
       }
       return 0;
     }
+    // A hot swap without --device names every device it moved.
+    std::string where = device.empty() ? "" : " on " + body.value("device", device);
+    if (body.contains("devices") && body["devices"].is_array()) {
+      std::vector<std::string> names;
+      for (const auto& d : body["devices"])
+        if (d.is_string()) names.push_back(d.get<std::string>());
+      where = " on " + fmt::format("{}", fmt::join(names, ", "));
+    }
     fmt::print("{} {} @ {}: {} tensors, {} in {:.2f}s{}\n",
                mode.replace ? "loaded (replacing the other revisions)" : "loaded",
                body.value("model", ""), body.value("revision", ""), body.value("tensors", 0),
                wbroker::FormatBytes(body.value("bytes", 0ull)), body.value("load_seconds", 0.0),
-               device.empty() ? "" : " on " + body.value("device", device));
+               where);
     return 0;
   }
 }
@@ -310,7 +318,8 @@ int main(int argc, char** argv) try {
   LoadMode mode;
   load->add_flag("--replace", mode.replace,
                  "hot-swap: load beside the loaded revisions of MODEL, then point new attaches at "
-                 "this one; holders are told, old revisions are freed at their last release");
+                 "this one, on every device serving MODEL unless --device names one; holders are "
+                 "told, old revisions are freed at their last release");
   load->add_flag("--allow-downtime", mode.allow_downtime,
                  "with --replace: when both copies do not fit, free the old revision first "
                  "(its clients wait for the new one)");

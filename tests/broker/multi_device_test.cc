@@ -316,6 +316,51 @@ TEST_F(MultiDevice, PreloadOnADevice) {
   EXPECT_THAT(ModelDevices(st, "org/tiny"), UnorderedElementsAre("cuda:1")) << st.dump();
 }
 
+TEST_F(MultiDevice, ReplaceWithoutADeviceSwapsEveryDeviceServingTheModel) {
+  HubRepoBuilder repo(cache_, "org/tiny");
+  const std::string rev2 = repo.AddCommit(
+      {{"model.safetensors",
+        SerializeSafetensors({{"w", DType::kF32, {4, 4}, ""}, {"b", DType::kF32, {4}, ""}})}},
+      std::string(40, 'b'));
+  BrokerProcess b(Opts({"--device", "cpu,cuda:0,cuda:1"}));
+  ASSERT_TRUE(b.running()) << b.Log();
+  ASSERT_EQ(Ctl("load org/tiny --device cuda:0").exit_code, 0);
+  ASSERT_EQ(Ctl("load org/tiny --device cuda:1").exit_code, 0);
+  auto revisions = [&] {
+    std::multiset<std::pair<std::string, std::string>> out;  // (device, revision)
+    const json st = Status();
+    for (const auto& m : st["models"])
+      if (m.value("model", "") == "org/tiny")
+        out.insert({m.value("device", ""), m.value("revision", "")});
+    return out;
+  };
+  const auto before = revisions();
+  ASSERT_EQ(before.size(), 2u);
+  ASSERT_NE(before.begin()->second, rev2);
+
+  // Both GPUs move; the host device, which served nothing, stays empty.
+  auto r = Ctl("load org/tiny@" + rev2 + " --replace");
+  ASSERT_EQ(r.exit_code, 0) << r.output << b.Log();
+  EXPECT_THAT(r.output, HasSubstr("on cuda:0, cuda:1")) << r.output;
+  using Row = std::pair<std::string, std::string>;
+  EXPECT_THAT(revisions(), UnorderedElementsAre(Row{"cuda:0", rev2}, Row{"cuda:1", rev2}));
+
+  // --device still names one device: only that one moves back.
+  r = Ctl("load org/tiny@" + before.begin()->second + " --replace --device cuda:1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(revisions(),
+              UnorderedElementsAre(Row{"cuda:0", rev2}, Row{"cuda:1", before.begin()->second}));
+
+  // A model no device serves yet: the first device, as without --replace.
+  HubRepoBuilder other(cache_, "org/other");
+  other.SetRef(
+      "main",
+      other.AddCommit({{"model.safetensors", SerializeSafetensors({{"x", DType::kU8, {8}, ""}})}}));
+  r = Ctl("load org/other --replace");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(ModelDevices(Status(), "org/other"), UnorderedElementsAre("cpu"));
+}
+
 TEST_F(MultiDevice, PreloadOnAnUnknownDeviceRefusesToStart) {
   auto config = dir_.path() / "wbroker.toml";
   std::ofstream(config) << "device = \"cuda:0\"\n"
