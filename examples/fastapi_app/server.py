@@ -40,15 +40,15 @@ DTYPE = os.environ.get("MODEL_DTYPE", "auto")
 app = FastAPI(title="wbroker FastAPI example")
 
 
-def attach():
-    """(model, tokenizer, lease) for what the broker serves now; the model is a
-    sentence-transformers encoder and the tokenizer None for WBROKER_TASK=embed."""
+def attach(revision):
+    """(model, tokenizer, lease) for `revision` as the broker serves it; the model
+    is a sentence-transformers encoder and the tokenizer None for WBROKER_TASK=embed."""
     if TASK == "embed":
-        encoder = wbt.sentence_transformer(MODEL_ID, revision=REVISION, dtype=DTYPE)
+        encoder = wbt.sentence_transformer(MODEL_ID, revision=revision, dtype=DTYPE)
         return encoder, None, encoder.wbroker_lease
     from transformers import AutoTokenizer
 
-    model = wbt.from_pretrained(MODEL_ID, revision=REVISION, dtype=DTYPE)
+    model = wbt.from_pretrained(MODEL_ID, revision=revision, dtype=DTYPE)
     tokenizer = AutoTokenizer.from_pretrained(model.wbroker_lease.snapshot)
     if os.environ.get("WARMUP", "1") == "1":
         # One token at start-up: the first request is not the slow one.
@@ -57,8 +57,9 @@ def attach():
     return model, tokenizer, model.wbroker_lease
 
 
-served = attach()
+served = attach(REVISION)
 swap_lock = threading.Lock()  # FastAPI runs sync endpoints on a thread pool
+retry_at = 0.0  # after a failed re-attach, when to try again
 
 
 def current():
@@ -66,14 +67,24 @@ def current():
     revision (a hot swap), attaches the new one first and releases the old
     lease; requests already running keep their tensors, which hold the old
     mapping until they finish."""
-    global served
+    global served, retry_at
     with swap_lock:
         old = served[2]
         event = old.superseded  # reads the broker's events without blocking
-        if event:
+        if event and time.monotonic() >= retry_at:
             if event.get("release_first"):
                 old.release()  # the broker has room for one copy only
-            served = attach()
+            try:
+                # The revision the broker rolled out: a worker pinned to a
+                # commit would be refused the old one from now on.
+                served = attach(event.get("new_revision") or REVISION)
+            except Exception:
+                retry_at = time.monotonic() + 5
+                if old.released:
+                    raise  # nothing left to serve until the new revision attaches
+                logging.getLogger("wbroker").exception("re-attaching after a hot swap; "
+                                                       "serving the old revision meanwhile")
+                return served
             old.release()
         return served
 

@@ -212,15 +212,17 @@ class Lease:
         return self._client._superseded.get(self.id)
 
     def renew(self):
-        """A lease on what the original attach request gets now (the
-        replacement after a hot swap); this lease is released afterwards, or
-        first when the event says release_first."""
+        """A lease on the revision that replaced this one (the event's
+        new_revision, so a lease pinned to a commit moves too; without an
+        event, what the original attach request gets now); this lease is
+        released afterwards, or first when the event says release_first."""
         event = self.superseded
         first = bool(event and event.get("release_first"))
         if first:
             self.release()
+        revision = (event or {}).get("new_revision") or self.requested.get("revision")
         new = self._client.attach(self.requested.get("model") or self.model,
-                                  revision=self.requested.get("revision"),
+                                  revision=revision,
                                   device=self.requested.get("device"), dtype=self.requested.get("dtype"))
         if not first:
             self.release()

@@ -320,3 +320,14 @@ def test_hot_swap_tells_the_lease_and_renew_gets_the_new_revision(broker_factory
         models = [(m["revision"], m["state"]) for m in admin.status()["models"]
                   if m["model"] == "demo/swap"]
         assert models == [(revs[1], "ready")]
+    # A lease pinned to a (short) commit moves too: its old commit is refused now.
+    b2 = broker_factory(tmp_path / "hub", sub="pinned")
+    with wbroker.connect(b2.socket) as client, wbroker.connect(b2.socket) as admin:
+        pinned = client.attach("demo/swap", revision=revs[0][:7])
+        admin.load("demo/swap", revision=revs[1], replace=True)
+        with pytest.raises(wbroker.WbrokerError):
+            client.attach("demo/swap", revision=revs[0][:7])
+        assert pinned.superseded is not None
+        new = pinned.renew()
+        assert pinned.released and new.revision == revs[1]
+        assert torch.equal(new.tensors["w"], weights[1])

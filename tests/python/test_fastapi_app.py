@@ -182,7 +182,9 @@ def test_gunicorn_workers_follow_a_hot_swap_and_let_the_old_copy_go(broker_facto
     rev2 = make_tiny_model("qwen2", str(cache), "tiny/swap", seed=5)["commit"]
     (cache / "models--tiny--swap" / "refs" / "main").write_text(rev1)
     b = broker_factory(cache, [])
-    env = {"MODEL_ID": "tiny/swap", "WBROKER_SOCKET": b.socket, "HF_HUB_OFFLINE": "1",
+    # Pinned to a short commit, as in production: the swap must move it anyway.
+    env = {"MODEL_ID": "tiny/swap", "MODEL_REVISION": rev1[:7], "WBROKER_SOCKET": b.socket,
+           "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
 
     def ctl(*args):

@@ -1,6 +1,7 @@
 """A revision hot swap under load: two wbroker-worker processes answer
 completions in a loop while `wbrokerctl load MODEL@REV2 --replace` swaps the
-broker's revision. No request may fail; every answer comes from exactly one
+broker's revision (one worker follows the branch, one is pinned to a short
+commit). No request may fail; every answer comes from exactly one
 of the two revisions; both workers end on the new one and the old revision is
 freed once they let go of it."""
 import subprocess
@@ -45,8 +46,10 @@ def models(broker):
 
 def test_hot_swap_under_load_fails_no_request(swap_repo, tmp_path):
     b = Broker(tmp_path, swap_repo["cache"]).start()
-    workers = [Worker("tiny/swap", b, log=tmp_path / f"w{i}.log", args=["--threads", "2"]).start()
-               for i in range(2)]
+    # One follows the branch, one is pinned to a short commit: both must move.
+    specs = ["tiny/swap", f"tiny/swap@{swap_repo['rev1'][:7]}"]
+    workers = [Worker(spec, b, log=tmp_path / f"w{i}.log", args=["--threads", "2"]).start()
+               for i, spec in enumerate(specs)]
     try:
         before = {w.complete(PROMPT, 8)["choices"][0]["text"] for w in workers}
         assert len(before) == 1

@@ -136,6 +136,9 @@ class RevisionFollower {
       target_->Swap(nullptr);
       current_.reset();
     }
+    // Follow the broker to the revision it rolled out: a worker pinned to a
+    // commit would otherwise be refused ("was replaced by ...") for good.
+    if (!event->new_revision.empty()) options_.revision = event->new_revision;
     auto next = wbroker::app::TorchEngine::Create(options_);
     if (!next.ok()) {
       spdlog::error("re-attaching {} failed (retrying in 5 s): {}", options_.model,
