@@ -424,14 +424,17 @@ void Broker::DoPreload() {
   preloads_pending_ = config_.preload.size();
   if (preloads_pending_ == 0) return Announce();
   notifier_.Status(fmt::format("preloading {} model(s)", preloads_pending_));
-  ResolvePreloads(config_.preload, [this](std::vector<Result<ResolvedModel>> resolutions) {
-    if (!stopped_) StartPreloads(std::move(resolutions));
-  });
+  // The list as it is now: a reload may replace config_.preload meanwhile.
+  ResolvePreloads(config_.preload,
+                  [this, list = config_.preload](std::vector<Result<ResolvedModel>> resolutions) {
+                    if (!stopped_) StartPreloads(list, std::move(resolutions));
+                  });
 }
 
-void Broker::StartPreloads(std::vector<Result<ResolvedModel>> resolutions) {
-  for (size_t i = 0; i < config_.preload.size(); ++i) {
-    const PreloadEntry& p = config_.preload[i];
+void Broker::StartPreloads(const std::vector<PreloadEntry>& list,
+                           std::vector<Result<ResolvedModel>> resolutions) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const PreloadEntry& p = list[i];
     const Result<ResolvedModel>& resolved = resolutions[i];
     if (!resolved.ok()) {
       spdlog::error("preload {}@{}: {}", p.model, p.revision.empty() ? "main" : p.revision,

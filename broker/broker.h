@@ -40,8 +40,10 @@ class Broker {
   explicit Broker(boost::asio::io_context& io, const BrokerConfig& config);
   /// Resolves the configured preloads (off the io thread), then StartPreloads.
   void DoPreload();
-  /// Loads and pins each preload that resolved; READY once all have ended.
-  void StartPreloads(std::vector<Result<ResolvedModel>> resolutions);
+  /// Loads and pins each entry of `list` that resolved (`resolutions`, in
+  /// the same order); READY once all have ended.
+  void StartPreloads(const std::vector<PreloadEntry>& list,
+                     std::vector<Result<ResolvedModel>> resolutions);
   void DoWatchdog();
   void DoSignals();
   /// Re-reads the config file and applies its preload list: new revisions
