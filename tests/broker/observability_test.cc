@@ -12,17 +12,21 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <future>
 #include <thread>
 
 #include "config.h"
 #include "host_backend.h"
+#include "hub_fixture.h"
 #include "memory_budget.h"
 #include "metrics.h"
 #include "model_registry.h"
 #include "progress.h"
 #include "progress_stream.h"
 #include "progress_view.h"
+#include "safetensors_writer.h"
 #include "session.h"
+#include "temp_dir.h"
 #include "wbroker/common/fd_socket.h"
 #include "wbroker/common/unique_fd.h"
 #include "wbroker/common/version.h"
@@ -295,6 +299,102 @@ TEST_F(BrokerParts, LoadsFeedTheCountersAndTheHistogram) {
   EXPECT_THAT(text, HasSubstr("wbroker_load_duration_seconds_count 1"));
   EXPECT_THAT(text, HasSubstr("wbroker_load_duration_seconds_bucket{le=\"1\"} 0"));
   EXPECT_THAT(text, HasSubstr("wbroker_load_duration_seconds_bucket{le=\"2.5\"} 1"));
+}
+
+// --- a load held open: what status shows while it runs ------------------------------
+
+/// The host backend, with arenas whose Fill() copies everything and then
+/// waits for `release`: the load stays in progress for as long as a test needs.
+class HeldBackend final : public Backend {
+ public:
+  explicit HeldBackend(std::shared_future<void> release) : release_(std::move(release)) {
+    host_ = std::move(HostBackend::Create()).value();
+  }
+  std::string name() const override { return host_->name(); }
+  std::string device() const override { return host_->device(); }
+  MemoryInfo Memory() const override { return host_->Memory(); }
+  Result<std::unique_ptr<Arena>> Allocate(uint64_t size, const std::string& label) override {
+    WB_ASSIGN_OR_RETURN(std::unique_ptr<Arena> arena, host_->Allocate(size, label));
+    return std::unique_ptr<Arena>(new HeldArena(std::move(arena), release_));
+  }
+
+ private:
+  class HeldArena final : public Arena {
+   public:
+    HeldArena(std::unique_ptr<Arena> inner, std::shared_future<void> release)
+        : inner_(std::move(inner)), release_(std::move(release)) {}
+    uint64_t size() const override { return inner_->size(); }
+    Status Fill(const std::vector<CopyJob>& jobs, const FillOptions& options) override {
+      Status s = inner_->Fill(jobs, options);
+      release_.wait();
+      return s;
+    }
+    Status Seal() override { return inner_->Seal(); }
+    Result<ArenaExport> Export() const override { return inner_->Export(); }
+
+   private:
+    std::unique_ptr<Arena> inner_;
+    std::shared_future<void> release_;
+  };
+  std::unique_ptr<HostBackend> host_;
+  std::shared_future<void> release_;
+};
+
+TEST(LoadingStatus, AModelBeingLoadedShowsTheEventFieldsInStatus) {
+  wbroker::testing::TempDir dir;
+  wbroker::testing::HubRepoBuilder repo(dir.path(), "org/held");
+  repo.SetRef("main",
+              repo.AddCommit({{"model.safetensors", wbroker::testing::SerializeSafetensors(
+                                                        {{"w", DType::kF32, {64, 64}, ""}})}}));
+  auto resolved = ResolveModel(dir.path(), "org/held", "");
+  ASSERT_TRUE(resolved.ok()) << resolved.status().ToString();
+  std::promise<void> release;
+  HeldBackend backend(release.get_future().share());
+  boost::asio::io_context io;
+  MemoryBudget budget{0};
+  ModelRegistry registry(io, backend, budget, RegistryOptions{});
+  // Destroyed before the registry: a failed assertion must not leave the
+  // loader thread waiting, or the registry's destructor would wait for it.
+  bool released = false;
+  auto open_gate = [&] {
+    if (!std::exchange(released, true)) release.set_value();
+  };
+  struct Guard {
+    std::function<void()> fn;
+    ~Guard() { fn(); }
+  } guard{open_gate};
+  std::optional<Status> loaded;
+  registry.Acquire(*resolved, std::nullopt, /*allow_load=*/true, /*pin=*/false,
+                   [&](Result<std::shared_ptr<ModelEntry>> e) { loaded = e.status(); });
+
+  // Every byte is in, the arena is not sealed yet: the row is loading.
+  json row;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    io.restart();
+    io.run_for(std::chrono::milliseconds(10));
+    row = registry.StatusJson().at(0);
+    if (row.contains("progress") && row["progress"].value("bytes_done", 0ull) == 64 * 64 * 4) break;
+  }
+  EXPECT_EQ(row["state"], "loading") << row.dump();
+  ASSERT_TRUE(row.contains("progress")) << row.dump();
+  const json& p = row["progress"];
+  for (const char* key : {"bytes_done", "bytes_total", "files_done", "files_total", "current_file",
+                          "elapsed_seconds", "bytes_per_second"})
+    EXPECT_TRUE(p.contains(key)) << key << " missing: " << p.dump();
+  EXPECT_EQ(p["bytes_done"], 64 * 64 * 4);
+  EXPECT_EQ(p["bytes_total"], 64 * 64 * 4);
+  EXPECT_EQ(p["files_total"], 1);
+
+  open_gate();
+  while (!loaded && std::chrono::steady_clock::now() < deadline) {
+    io.restart();
+    io.run_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(loaded && loaded->ok()) << (loaded ? loaded->ToString() : "load never ended");
+  row = registry.StatusJson().at(0);
+  EXPECT_EQ(row["state"], "ready");
+  EXPECT_FALSE(row.contains("progress"));
 }
 
 // --- ProgressStream against a real session ------------------------------------------
