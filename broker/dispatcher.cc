@@ -163,6 +163,12 @@ void Dispatcher::ResolveThen(const std::shared_ptr<Session>& s, const json& req,
                          });
 }
 
+void Dispatcher::ResolveOnDevice(const std::shared_ptr<Session>& s, const DeviceArena& dev,
+                                 const json& req, std::optional<DType> cast, ResolvedHandler then) {
+  if (auto ready = ReadyAtCommit(dev, req, cast)) return then(s, std::move(*ready));
+  ResolveThen(s, req, std::move(then));
+}
+
 std::optional<ResolvedModel> Dispatcher::ReadyAtCommit(const DeviceArena& dev, const json& req,
                                                        std::optional<DType> cast) const {
   auto model = OptString(req, "model");
@@ -208,18 +214,16 @@ void Dispatcher::DoAttach(const std::shared_ptr<Session>& s, const json& req) {
   if (!cast.ok()) return s->SendError(id, cast.status());
   // Workers pinned to a commit that is loaded (the common case) need nothing
   // from the cache, so a slow or hung cache filesystem cannot delay them.
-  if (auto ready = ReadyAtCommit(*dev, req, *cast))
-    return AttachResolved(s, dev, req, *ready, *cast);
-  ResolveThen(s, req,
-              [this, dev, req, cast = *cast](const std::shared_ptr<Session>& s,
-                                             Result<ResolvedModel> resolved) {
-                if (!resolved.ok()) {
-                  spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
-                               resolved.status().message());
-                  return s->SendError(IdOf(req), resolved.status());
-                }
-                AttachResolved(s, dev, req, *resolved, cast);
-              });
+  ResolveOnDevice(s, *dev, req, *cast,
+                  [this, dev, req, cast = *cast](const std::shared_ptr<Session>& s,
+                                                 Result<ResolvedModel> resolved) {
+                    if (!resolved.ok()) {
+                      spdlog::info("client {} (pid {}): attach refused: {}", s->id(), s->peer().pid,
+                                   resolved.status().message());
+                      return s->SendError(IdOf(req), resolved.status());
+                    }
+                    AttachResolved(s, dev, req, *resolved, cast);
+                  });
 }
 
 void Dispatcher::AttachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
@@ -307,8 +311,7 @@ void Dispatcher::DoReattach(const std::shared_ptr<Session>& s, const json& req) 
                                              revision)));
     ReattachResolved(s, dev, req, *resolved, cast, client_fd);
   };
-  if (auto ready = ReadyAtCommit(*dev, req, *cast)) return reattach(s, *ready);
-  ResolveThen(s, req, std::move(reattach));
+  ResolveOnDevice(s, *dev, req, *cast, std::move(reattach));
 }
 
 void Dispatcher::ReattachResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,
@@ -481,15 +484,15 @@ void Dispatcher::DoLoad(const std::shared_ptr<Session>& s, const json& req) {
   auto arena = FindDevice(*device);
   if (!arena.ok()) return refuse(arena.status());
   const DeviceArena* dev = *arena;
-  ResolveThen(s, req,
-              [this, dev, req, stream, cast = *cast](const std::shared_ptr<Session>& s,
-                                                     Result<ResolvedModel> resolved) {
-                if (!resolved.ok()) {
-                  if (stream) stream->Finish(resolved.status());
-                  return s->SendError(IdOf(req), resolved.status());
-                }
-                LoadResolved(s, dev, req, stream, *resolved, cast);
-              });
+  ResolveOnDevice(s, *dev, req, *cast,
+                  [this, dev, req, stream, cast = *cast](const std::shared_ptr<Session>& s,
+                                                         Result<ResolvedModel> resolved) {
+                    if (!resolved.ok()) {
+                      if (stream) stream->Finish(resolved.status());
+                      return s->SendError(IdOf(req), resolved.status());
+                    }
+                    LoadResolved(s, dev, req, stream, *resolved, cast);
+                  });
 }
 
 void Dispatcher::LoadResolved(const std::shared_ptr<Session>& s, const DeviceArena* dev,

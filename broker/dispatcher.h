@@ -128,8 +128,13 @@ class Dispatcher final : public RequestHandler {
   /// reaches `then` at once, as a failed result.
   void ResolveThen(const std::shared_ptr<Session>& s, const nlohmann::json& req,
                    ResolvedHandler then);
-  /// A request that names the full commit of a model `dev` has ready needs
-  /// nothing from the cache: that entry's resolution. nullopt otherwise.
+  /// ResolveThen, except that a request naming the full commit of a model
+  /// `dev` has ready needs nothing from the cache: `then` runs at once with
+  /// that entry's resolution.
+  void ResolveOnDevice(const std::shared_ptr<Session>& s, const DeviceArena& dev,
+                       const nlohmann::json& req, std::optional<DType> cast, ResolvedHandler then);
+  /// The ready entry's resolution for a request naming its full commit on
+  /// `dev`; nullopt otherwise.
   std::optional<ResolvedModel> ReadyAtCommit(const DeviceArena& dev, const nlohmann::json& req,
                                              std::optional<DType> cast) const;
   /// Attach once `model` is resolved: acquire (loading when allowed), lease, reply.
