@@ -166,27 +166,50 @@ double PageCacheRead(const std::vector<std::filesystem::path>& files, unsigned t
   return Seconds(t0, Clock::now());
 }
 
-// Seconds for `threads` threads to memset `bytes` of memory that is already
-// mapped and touched (huge pages where the kernel gives them): the rate at
-// which this machine can write memory at all, which bounds any load, since a
-// load writes every byte of the arena once.
-double MemoryWrite(uint64_t bytes, unsigned threads) {
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) Die("mmap for the memory write rate");
-  ::madvise(p, bytes, MADV_HUGEPAGE);
-  auto* base = static_cast<char*>(p);
-  std::memset(base, 1, bytes);  // untimed: faults and clearing happen here
+/// `bytes` of anonymous memory, mapped and touched (huge pages where the
+/// kernel gives them), so that timed passes over it take no faults.
+class TouchedMemory {
+ public:
+  explicit TouchedMemory(uint64_t bytes) : size_(bytes) {
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) Die("mmap of anonymous memory for a rate measurement");
+    ::madvise(p, bytes, MADV_HUGEPAGE);
+    data_ = static_cast<char*>(p);
+    std::memset(data_, 1, bytes);  // faults and clearing happen here
+  }
+  ~TouchedMemory() { ::munmap(data_, size_); }
+  TouchedMemory(const TouchedMemory&) = delete;
+  TouchedMemory& operator=(const TouchedMemory&) = delete;
+  char* data() const { return data_; }
+
+ private:
+  char* data_ = nullptr;  ///< the mapping
+  uint64_t size_;         ///< its length
+};
+
+/// Seconds for `threads` threads to run fn(begin, end) on page-aligned
+/// slices of [0, bytes), one slice each.
+template <typename Fn>
+double TimeSlices(uint64_t bytes, unsigned threads, Fn fn) {
   const uint64_t slice = (bytes / threads + 4095) / 4096 * 4096;
   auto t0 = Clock::now();
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     const uint64_t begin = std::min(bytes, t * slice), end = std::min(bytes, begin + slice);
-    pool.emplace_back([=] { std::memset(base + begin, 2, end - begin); });
+    pool.emplace_back([=] { fn(begin, end); });
   }
   for (auto& th : pool) th.join();
-  const double secs = Seconds(t0, Clock::now());
-  ::munmap(p, bytes);
-  return secs;
+  return Seconds(t0, Clock::now());
+}
+
+// Seconds for `threads` threads to memset `bytes` of memory that is already
+// mapped and touched: the rate at which this machine can write memory at
+// all, which bounds any load, since a load writes every byte of the arena.
+double MemoryWrite(uint64_t bytes, unsigned threads) {
+  TouchedMemory mem(bytes);
+  char* base = mem.data();
+  return TimeSlices(bytes, threads,
+                    [base](uint64_t b, uint64_t e) { std::memset(base + b, 2, e - b); });
 }
 
 // Seconds for `threads` threads to memcpy `bytes` between two buffers that are
@@ -194,27 +217,10 @@ double MemoryWrite(uint64_t bytes, unsigned threads) {
 // memory. A load copies every byte from the page cache into the arena, so
 // this bounds it from above, however the copy is done.
 double MemoryCopy(uint64_t bytes, unsigned threads) {
-  auto map = [&] {
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) Die("mmap for the memory copy rate");
-    ::madvise(p, bytes, MADV_HUGEPAGE);
-    std::memset(p, 1, bytes);  // untimed: faults and clearing happen here
-    return static_cast<char*>(p);
-  };
-  char* src = map();
-  char* dst = map();
-  const uint64_t slice = (bytes / threads + 4095) / 4096 * 4096;
-  auto t0 = Clock::now();
-  std::vector<std::thread> pool;
-  for (unsigned t = 0; t < threads; ++t) {
-    const uint64_t begin = std::min(bytes, t * slice), end = std::min(bytes, begin + slice);
-    pool.emplace_back([=] { std::memcpy(dst + begin, src + begin, end - begin); });
-  }
-  for (auto& th : pool) th.join();
-  const double secs = Seconds(t0, Clock::now());
-  ::munmap(src, bytes);
-  ::munmap(dst, bytes);
-  return secs;
+  TouchedMemory src(bytes), dst(bytes);
+  char *from = src.data(), *to = dst.data();
+  return TimeSlices(bytes, threads,
+                    [from, to](uint64_t b, uint64_t e) { std::memcpy(to + b, from + b, e - b); });
 }
 
 // Touches, then frees, `bytes` of anonymous memory (in huge pages when `huge`)
